@@ -1,0 +1,111 @@
+"""Mixture-of-Routers scoring: the router math of Router Upcycling, pure torch.
+
+This file is the math's one home. The megatron-core router, the converter and the exported
+Hugging Face model all call it; an exported `mor` folder carries a verbatim copy of this file
+beside its modeling file, so it must import nothing but torch.
+
+Shape legend
+    T  tokens                 d   hidden size (router input)
+    R  routers per layer      d_r router dim (= H * d_h / R)
+    K  expert keys per layer  N   experts per layer, K = max(R, N), N divides K
+
+Key-to-expert map: expert i holds keys {i, i + N, i + 2N, ...} (K / N keys each). With R >= N
+these are router keys {i, i+N, ...}; with R < N there are N keys, key j initialised from
+router j mod R (see router_upcycling.init), so every expert holds exactly one key.
+"""
+from typing import Optional
+
+import torch
+
+AGGREGATIONS = ("sum", "max")
+
+
+def num_router_keys(num_routers: int, num_experts: int) -> int:
+    """K, the number of expert keys per layer: max(R, N)."""
+    return max(num_routers, num_experts)
+
+
+def expert_key_indices(num_experts: int, num_keys: int) -> torch.Tensor:
+    """Indices of the keys each expert holds: LongTensor [N, K / N], row i = {i, i+N, ...}."""
+    if num_keys % num_experts:
+        raise ValueError(f"the number of keys ({num_keys}) must be a multiple of the number of experts ({num_experts})")
+    return torch.arange(num_keys).view(num_keys // num_experts, num_experts).t().contiguous()
+
+
+def key_scores(x: torch.Tensor, query_weight: torch.Tensor, keys: torch.Tensor, aggregation: str = "sum") -> torch.Tensor:
+    """Score of every key, aggregated over routers.
+
+    Args:
+        x: router input [T, d].
+        query_weight: W, the routers' query projections [R, d_r, d].
+        keys: k, the expert keys [K, d_r].
+        aggregation: "sum" (s_j = sum_r q_r . k_j) or "max" (s_j = max_r q_r . k_j).
+
+    Returns:
+        s [T, K].
+    """
+    if aggregation == "sum":
+        # sum_r (W_r x) . k_j = x . (k_j @ sum_r W_r): one [K, d] gate instead of R queries per token.
+        return x @ (keys @ query_weight.sum(0)).t()
+    if aggregation == "max":
+        num_routers, router_dim, hidden = query_weight.shape
+        queries = (x @ query_weight.reshape(num_routers * router_dim, hidden).t()).view(-1, num_routers, router_dim)
+        return (queries @ keys.t()).amax(dim=1)  # [T, R, K] -> [T, K]
+    raise ValueError(f"unknown router aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+
+
+def mor_expert_logits(
+    x: torch.Tensor,
+    query_weight: torch.Tensor,
+    keys: torch.Tensor,
+    num_experts: int,
+    aggregation: str = "sum",
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Expert logits of the Mixture-of-Routers: z_i = scale * max over expert i's keys of s_j.
+
+    Args:
+        x: router input [T, d].
+        query_weight: [R, d_r, d].
+        keys: [K, d_r], K a multiple of num_experts.
+        num_experts: N.
+        aggregation: "sum" or "max" over routers.
+        scale: multiplies the logits (1.0, no scaling, is the method's default).
+
+    Returns:
+        z [T, N].
+    """
+    scores = key_scores(x, query_weight, keys, aggregation)  # [T, K]
+    num_keys = keys.shape[0]
+    if num_keys != num_experts:
+        # key j belongs to expert j mod N: view [T, K/N, N] and take the best key per expert
+        scores = scores.view(-1, num_keys // num_experts, num_experts).amax(dim=1)
+    return scores * scale if scale != 1.0 else scores
+
+
+def can_fold(num_keys: int, num_experts: int, aggregation: str) -> bool:
+    """True when the Mixture-of-Routers equals a linear gate: `sum` aggregation, one key per expert."""
+    return aggregation == "sum" and num_keys == num_experts
+
+
+def fold_reason(num_keys: int, num_experts: int, aggregation: str) -> Optional[str]:
+    """Why the router cannot be folded to a linear gate, or None when it can."""
+    if aggregation != "sum":
+        return f"'{aggregation}' aggregation over routers is not linear in the input"
+    if num_keys != num_experts:
+        return f"experts hold {num_keys // num_experts} keys each and take the max over them"
+    return None
+
+
+def fold_to_linear_gate(query_weight: torch.Tensor, keys: torch.Tensor, num_experts: int, aggregation: str = "sum", scale: float = 1.0) -> torch.Tensor:
+    """The linear gate G = scale * K @ sum_r W_r that computes the same logits, [N, d].
+
+    Args:
+        query_weight: [R, d_r, d].
+        keys: [N, d_r] (one key per expert).
+    """
+    reason = fold_reason(keys.shape[0], num_experts, aggregation)
+    if reason:
+        raise ValueError(f"this router has no linear-gate form: {reason}")
+    gate = keys @ query_weight.sum(0)
+    return gate * scale if scale != 1.0 else gate

@@ -1,0 +1,91 @@
+"""Tiny Qwen2-architecture models and tokenizers built locally, for tests, examples and benchmarks.
+
+Nothing here downloads anything: the tokenizer is a byte-level BPE trained on a few sentences and
+the model weights are random (or given).
+"""
+import os
+from typing import Iterable, Optional
+
+import torch
+
+SAMPLE_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "12 + 30 = 42; 7 * 6 = 42; 84 / 2 = 42.",
+    "Router upcycling initialises mixture-of-experts routers from attention heads.",
+    "In 1905 Einstein published four papers on physics.",
+    "import torch\nx = torch.randn(4, 8)\nprint(x.sum())\n",
+]
+
+
+def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 512):
+    """A byte-level BPE tokenizer wrapped as Qwen2TokenizerFast (EOS = pad = <|endoftext|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts or SAMPLE_TEXT) * 4, trainer)
+    return Qwen2TokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token=None)
+
+
+def tiny_qwen2_config(
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 8,
+    num_kv_heads: Optional[int] = None,
+    intermediate_size: int = 96,
+    tied: bool = True,
+    max_position_embeddings: int = 256,
+):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=None,
+        torch_dtype="float32",
+    )
+
+
+def make_dense_qwen2(output_dir: str, seed: int = 0, std: float = 0.08, tokenizer=None, **config_kwargs) -> str:
+    """Write a tiny random Qwen2ForCausalLM (float32 safetensors) and its tokenizer to output_dir.
+
+    Weights get a larger std than the usual 0.02 and random q/k/v biases so that attention heads,
+    average keys and logits are far from degenerate.
+    """
+    from transformers import Qwen2ForCausalLM
+
+    tokenizer = tokenizer or train_tokenizer()
+    config_kwargs.setdefault("vocab_size", len(tokenizer))
+    config = tiny_qwen2_config(**config_kwargs)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, std)
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
