@@ -75,7 +75,9 @@ def make_dense_qwen2(output_dir: str, seed: int = 0, std: float = 0.08, tokenize
     from transformers import Qwen2ForCausalLM
 
     tokenizer = tokenizer or train_tokenizer()
-    config_kwargs.setdefault("vocab_size", len(tokenizer))
+    # rows past the tokenizer's size are padding, as in Qwen's own checkpoints; a multiple of 128
+    # keeps the vocabulary divisible by any tensor-parallel size
+    config_kwargs.setdefault("vocab_size", -(-len(tokenizer) // 128) * 128)
     config = tiny_qwen2_config(**config_kwargs)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)

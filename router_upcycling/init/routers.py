@@ -1,0 +1,37 @@
+"""Mixture-of-Routers weights of every layer of a dense Hugging Face Qwen2 model (method.md part 2).
+
+Shape legend: L layers, H query heads, H_kv key/value heads, d_h head dim, d hidden size,
+R routers, d_r router dim, K expert keys.
+"""
+from typing import List, Tuple
+
+import torch
+
+from router_upcycling.init.grouping import head_keys_from_kv, router_weights_from_attention
+
+
+def init_routers_from_attention(
+    hf_model: torch.nn.Module, avg_kv_keys: torch.Tensor, num_routers: int, num_experts: int
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(query_weight [R, d_r, d], keys [K, d_r]) of every layer, float32 on CPU.
+
+    Args:
+        hf_model: the dense Qwen2ForCausalLM (or Qwen2Model); its q_proj weights are read (the q bias is not used).
+        avg_kv_keys: [L, H_kv, d_h] from router_upcycling.init.calibration.average_attention_keys.
+        num_routers: R.
+        num_experts: N.
+    """
+    layers = getattr(hf_model, "model", hf_model).layers
+    num_heads = hf_model.config.num_attention_heads
+    if avg_kv_keys.shape[0] != len(layers) or avg_kv_keys.shape[1] != hf_model.config.num_key_value_heads:
+        raise ValueError(
+            f"average keys {tuple(avg_kv_keys.shape)} do not match a model of {len(layers)} layers and "
+            f"{hf_model.config.num_key_value_heads} key/value heads"
+        )
+    routers = []
+    for layer, kv_keys in zip(layers, avg_kv_keys):
+        q_weight = layer.self_attn.q_proj.weight.detach().float().cpu()  # [H * d_h, d]
+        head_keys = head_keys_from_kv(kv_keys.float().cpu(), num_heads)  # [H, d_h]
+        query_weight, keys, _ = router_weights_from_attention(q_weight, head_keys, num_heads, num_routers, num_experts)
+        routers.append((query_weight, keys))
+    return routers

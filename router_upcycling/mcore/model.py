@@ -1,0 +1,192 @@
+"""megatron-core model pieces built from a checkpoint's metadata (docs/checkpoint-format.md).
+
+The architecture travels with the checkpoint as the source model's Hugging Face config plus a
+"moe" block; everything here derives megatron-core objects from those two dicts.
+"""
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from router_upcycling.mcore.routers import ROUTER_TYPES, MixtureOfRoutersRouter, MLPRouter, SwitchRouter
+from router_upcycling.errors import UserError
+from router_upcycling.mor import AGGREGATIONS, num_router_keys
+
+
+@dataclasses.dataclass
+class MoESettings:
+    """The "moe" block of a checkpoint's metadata."""
+
+    num_experts: int = 8
+    topk: int = 2
+    router: str = "mor"
+    num_routers: Optional[int] = None  # mor only; defaults to num_experts
+    aggregation: str = "sum"
+    router_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.router not in ROUTER_TYPES:
+            raise UserError(f"unknown router {self.router!r}; expected one of {', '.join(ROUTER_TYPES)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise UserError(f"unknown router aggregation {self.aggregation!r}; expected sum or max")
+        if self.router == "switch":
+            self.topk = 1
+        if self.router == "mor" and self.num_routers is None:
+            self.num_routers = self.num_experts
+        if self.num_experts < 1:
+            raise UserError("--num-experts must be at least 1")
+        if not 1 <= self.topk <= self.num_experts:
+            raise UserError(f"--topk must be between 1 and the number of experts ({self.num_experts}), got {self.topk}")
+
+    def to_dict(self, hf_config: dict) -> dict:
+        """The metadata block, with the derived router sizes spelled out for readers."""
+        block = dataclasses.asdict(self)
+        if self.router == "mor":
+            query_width = hf_config["num_attention_heads"] * head_dim(hf_config)
+            block["router_dim"] = query_width // self.num_routers
+            block["num_keys"] = num_router_keys(self.num_routers, self.num_experts)
+        return block
+
+    @classmethod
+    def from_dict(cls, block: dict) -> "MoESettings":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in block.items() if k in fields})
+
+
+def head_dim(hf_config: dict) -> int:
+    return hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+
+
+def rope_theta(hf_config: dict) -> float:
+    # transformers 5 keeps it in rope_parameters; older configs at the top level
+    params = hf_config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+
+
+def router_builder(moe: MoESettings):
+    """The class (or partial) megatron-core's MoELayer builds as its router."""
+    if moe.router == "mor":
+        return functools.partial(
+            MixtureOfRoutersRouter, num_routers=moe.num_routers, aggregation=moe.aggregation, router_scale=moe.router_scale
+        )
+    if moe.router == "linear":
+        # megatron-core's own router; top-1 linear routing is exactly the switch router
+        return SwitchRouter if moe.topk == 1 else TopKRouter
+    return {"mlp": MLPRouter, "switch": SwitchRouter}[moe.router]
+
+
+def moe_layer_spec(moe: MoESettings, use_transformer_engine: bool = False) -> ModuleSpec:
+    """A GPT layer spec whose MoE uses our router; Transformer Engine modules when asked (GPU)."""
+    if use_transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=moe.num_experts, moe_grouped_gemm=False)
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    spec.submodules.mlp.submodules.router = router_builder(moe)
+    return spec
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def transformer_config(
+    hf_config: dict,
+    moe: MoESettings,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    moe_aux_loss_coeff: float = 0.0,
+    moe_z_loss_coeff: Optional[float] = None,
+    init_method_std: float = 0.02,
+    **overrides,
+) -> TransformerConfig:
+    """TransformerConfig of the Qwen2 architecture with the MoE settings (no dropout, as the paper)."""
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=hf_config["num_hidden_layers"],
+        hidden_size=hf_config["hidden_size"],
+        num_attention_heads=hf_config["num_attention_heads"],
+        num_query_groups=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+        kv_channels=head_dim(hf_config),
+        ffn_hidden_size=hf_config["intermediate_size"],
+        moe_ffn_hidden_size=hf_config["intermediate_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.topk,
+        # softmax over the chosen logits keeps the upcycled model equal to the dense one; megatron
+        # requires pre-softmax for top-1, where our routers restore a unit scale (UnitScaleTop1Mixin)
+        moe_router_pre_softmax=moe.topk == 1,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=moe_aux_loss_coeff,
+        moe_z_loss_coeff=moe_z_loss_coeff,
+        moe_token_dispatcher_type="allgather" if on_cpu or expert_model_parallel_size == 1 else "alltoall",
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=True,
+        **overrides,
+    )
+
+
+def build_gpt_model(
+    hf_config: dict,
+    moe: MoESettings,
+    config: TransformerConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    use_transformer_engine: bool = False,
+    parallel_output: bool = True,
+) -> GPTModel:
+    """GPTModel with the Qwen2 architecture (RoPE, RMSNorm, SwiGLU, q/k/v bias) and our MoE router."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=moe_layer_spec(moe, use_transformer_engine),
+        vocab_size=hf_config["vocab_size"],
+        max_sequence_length=hf_config.get("max_position_embeddings", 4096),
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=bool(hf_config.get("tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=rope_theta(hf_config),
+        parallel_output=parallel_output,
+    )
+
+
+def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
+    """Explicit causal mask [1, 1, s, s], True = masked (megatron's default one is built on CUDA)."""
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]

@@ -1,0 +1,133 @@
+"""Routers for megatron-core's MoELayer, plugged in through the layer spec (`MoESubmodules.router`).
+
+Each is a `TopKRouter` subclass that replaces only what differs: parameter creation and
+`gating()` (the logits). Top-k selection, softmax over the chosen logits, the load-balancing
+aux loss, z-loss and expert bias stay megatron-core's own `routing()`.
+
+| router  | logits                                   | parameters (float32)           |
+|---------|------------------------------------------|--------------------------------|
+| mor     | Mixture-of-Routers (router_upcycling.mor) | query_weight [R, d_r, d], keys [K, d_r] |
+| linear  | megatron-core's TopKRouter, unchanged     | weight [N, d]                  |
+| mlp     | fc2(gelu(fc1 x)), d -> d -> N             | fc1.weight [d, d], fc2.weight [N, d] |
+| switch  | linear, top-1 (see SwitchRouter)          | weight [N, d]                  |
+
+Top-1 routing (switch, or any router with topk = 1) keeps a unit expert scale; see UnitScaleTop1Mixin.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from router_upcycling.mor import mor_expert_logits, num_router_keys
+
+
+def _mark_router_parameter(param: torch.nn.Parameter, config: TransformerConfig) -> torch.nn.Parameter:
+    # Like megatron's own router weight: replicated over TP, so with sequence parallelism its
+    # gradient must be all-reduced over the TP group (DDP reads this attribute).
+    setattr(param, "sequence_parallel", config.sequence_parallel)
+    return param
+
+
+class UnitScaleTop1Mixin:
+    """Top-1 routing that keeps the upcycled model equal to the dense one.
+
+    megatron-core requires `moe_router_pre_softmax` for top-1, which scales the chosen expert's
+    output by its softmax probability p (as Switch Transformer does). With the forward value
+    p / p.detach() = 1 the model computes the dense function at step 0 (method.md part 1) and the
+    router still receives the gradient of p. For top-k > 1 routing is megatron-core's, unchanged.
+    """
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.topk == 1:
+            probs = probs / torch.where(routing_map, probs.detach(), torch.ones_like(probs))
+        return probs, routing_map
+
+
+class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
+    """Router Upcycling's Mixture-of-Routers: R routers (query projections of the attention
+    heads they were grown from) score K expert keys; logits come from router_upcycling.mor.
+
+    With `sum` aggregation the math computes the keys-by-hidden gate (K @ sum_r W_r) once per
+    forward and applies it as a linear router; with one key per expert that is the folded N x d gate.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        pg_collection=None,
+        *,
+        num_routers: int,
+        aggregation: str = "sum",
+        router_scale: float = 1.0,
+    ) -> None:
+        # Read by reset_parameters(), which the base constructor calls.
+        self.num_routers = num_routers
+        self.aggregation = aggregation
+        self.router_scale = router_scale
+        query_width = config.num_attention_heads * config.kv_channels
+        if query_width % num_routers:
+            raise ValueError(f"{num_routers} routers do not divide the query width {query_width}")
+        self.router_dim = query_width // num_routers
+        self.num_keys = num_router_keys(num_routers, config.num_moe_experts)
+        super().__init__(config=config, pg_collection=pg_collection)
+
+    def reset_parameters(self) -> None:
+        """Replace megatron's [N, d] gate weight with the routers' queries and the expert keys."""
+        self.weight = None
+        self.bias = None
+        config = self.config
+        self.query_weight = torch.nn.Parameter(
+            torch.empty(self.num_routers, self.router_dim, config.hidden_size, dtype=torch.float32)
+        )
+        self.keys = torch.nn.Parameter(torch.empty(self.num_keys, self.router_dim, dtype=torch.float32))
+        if config.perform_initialization:
+            config.init_method(self.query_weight)
+            config.init_method(self.keys)
+        _mark_router_parameter(self.query_weight, config)
+        _mark_router_parameter(self.keys, config)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Expert logits [..., N] (float32) for router input [..., d]."""
+        logits = mor_expert_logits(
+            input.reshape(-1, input.shape[-1]).float(),
+            self.query_weight,
+            self.keys,
+            self.config.num_moe_experts,
+            self.aggregation,
+            self.router_scale,
+        )
+        return logits.view(*input.shape[:-1], -1)
+
+
+class MLPRouter(UnitScaleTop1Mixin, TopKRouter):
+    """Two-layer MLP router (d -> d -> N, GELU, no biases), the paper's "upcycling w/ MLP router"."""
+
+    def reset_parameters(self) -> None:
+        self.weight = None
+        self.bias = None
+        config = self.config
+        self.fc1 = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False, dtype=torch.float32)
+        self.fc2 = torch.nn.Linear(config.hidden_size, config.num_moe_experts, bias=False, dtype=torch.float32)
+        for layer in (self.fc1, self.fc2):
+            if config.perform_initialization:
+                config.init_method(layer.weight)
+            _mark_router_parameter(layer.weight, config)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(input.float())))
+
+
+class SwitchRouter(UnitScaleTop1Mixin, TopKRouter):
+    """Switch Transformer routing: a linear gate, top-1 expert, Switch load-balancing loss
+    (megatron-core's `aux_loss`); the expert scale is UnitScaleTop1Mixin's."""
+
+    def __init__(self, config: TransformerConfig, pg_collection=None) -> None:
+        if config.moe_router_topk != 1:
+            raise ValueError(f"the switch router routes each token to 1 expert, not {config.moe_router_topk}")
+        super().__init__(config=config, pg_collection=pg_collection)
+
+
+ROUTER_TYPES = ("mor", "linear", "mlp", "switch")

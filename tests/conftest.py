@@ -1,0 +1,7 @@
+import os
+import sys
+
+# Shared test helpers (distributed launcher, Slurm cluster) live beside this file.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
