@@ -1,6 +1,8 @@
 """Shared command-line behaviour."""
 import contextlib
+import logging
 import sys
+import warnings
 
 from router_upcycling.errors import UserError
 
@@ -16,3 +18,14 @@ def user_errors():
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Our own progress at INFO; megatron-core's and transformers' chatter only when it matters."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("router_upcycling").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        # megatron-core warns about missing Apex/Transformer Engine and deprecated defaults on every import
+        warnings.filterwarnings("ignore", module=r"megatron\.")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
+        warnings.filterwarnings("ignore", category=FutureWarning)

@@ -45,19 +45,26 @@ def load_megatron_model(checkpoint_dir: str, iteration=None, dtype: torch.dtype 
 
 @torch.no_grad()
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits [b, s, V] (float32) of a megatron GPTModel."""
+    """Logits [b, s, V] (float32) of a megatron GPTModel, gathered over tensor-parallel ranks."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
     from router_upcycling.mcore.model import causal_attention_mask
 
     positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
-    return model(tokens, positions, causal_attention_mask(tokens.shape[1])).float()
+    logits = model(tokens, positions, causal_attention_mask(tokens.shape[1]))
+    return gather_from_tensor_model_parallel_region(logits).float()
 
 
 def verify(hf_model: str, checkpoint: str, num_sequences: int = 4, seq_length: int = 32) -> VerifyReport:
+    """Logits of the checkpoint's MoE against its dense source on random token sequences."""
     from transformers import AutoModelForCausalLM
 
     hf_config = read_hf_config(hf_model)
-    model, _ = load_megatron_model(checkpoint)
-    dense = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32).eval()
+    model, metadata = load_megatron_model(checkpoint)
+    # Round the dense weights as the checkpoint stored them, then compute both in float32: any
+    # difference left is the conversion's, not the storage dtype's.
+    stored_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[metadata.get("dtype", "fp32")]
+    dense = AutoModelForCausalLM.from_pretrained(hf_model, dtype=stored_dtype).float().eval()
     tokens = sample_token_sequences(hf_config["vocab_size"], num_sequences, seq_length)
     with torch.no_grad():
         expected = dense(tokens).logits.float()
