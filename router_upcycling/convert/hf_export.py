@@ -1,0 +1,386 @@
+"""Hugging Face side of export: write a `mor` folder (remote code) or a stock Qwen2-MoE folder.
+
+Both writers take every model weight in the `mor` on-disk naming of docs/checkpoint-format.md
+(fused experts `mlp.experts.gate_up_proj` [N, 2I, d] and `mlp.experts.down_proj` [N, d, I], routers
+under `mlp.gate.`), check names and shapes against the model they describe, and write a complete folder
+into a temporary directory beside the destination that is renamed into place at the end.
+
+Shape legend
+    N  experts    I  expert intermediate size    d  hidden size    R  routers    d_r  router dim    K  keys
+"""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2MoeConfig
+from transformers.utils.hub import convert_file_size_to_int
+
+import router_upcycling.mor as router_math
+from router_upcycling.hf import configuration_mor, modeling_mor
+from router_upcycling.hf.configuration_mor import Qwen2MoRConfig
+from router_upcycling.hf.modeling_mor import Qwen2MoRForCausalLM
+
+# Keys of the dense config.json that describe the file rather than the architecture.
+DENSE_CONFIG_KEYS_NOT_CARRIED = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
+MOR_AUTO_MAP = {
+    "AutoConfig": "configuration_mor.Qwen2MoRConfig",
+    "AutoModel": "modeling_mor.Qwen2MoRModel",
+    "AutoModelForCausalLM": "modeling_mor.Qwen2MoRForCausalLM",
+}
+ROUTER_PREFIX = "mlp.gate."
+MOR_ROUTER_KEYS = ("num_routers", "router_dim", "num_keys", "aggregation")
+
+
+class ExportError(ValueError):
+    """The tensors, configuration or destination given to an export cannot be written as asked."""
+
+
+# ---------------------------------------------------------------- configs
+
+
+def _moe_config_kwargs(hf_config: dict, moe: dict, dtype: torch.dtype) -> dict:
+    """Qwen2-MoE config fields shared by both formats: the dense architecture plus N, k, I, no shared expert."""
+    if hf_config.get("model_type") != "qwen2":
+        raise ExportError(f"the source model must be a Qwen2 model (model_type 'qwen2'), got {hf_config.get('model_type')!r}")
+    kwargs = {key: value for key, value in hf_config.items() if key not in DENSE_CONFIG_KEYS_NOT_CARRIED}
+    kwargs.update(
+        num_experts=moe["num_experts"],
+        num_experts_per_tok=1 if moe["router"] == "switch" else moe["topk"],
+        moe_intermediate_size=hf_config["intermediate_size"],
+        shared_expert_intermediate_size=0,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        qkv_bias=True,
+        dtype=dtype,
+    )
+    return kwargs
+
+
+def mor_config(hf_config: dict, moe: dict, dtype: torch.dtype) -> Qwen2MoRConfig:
+    """The `qwen2_mor` config of an export: dense architecture + the "moe" block of the checkpoint metadata."""
+    required = ("num_experts", "topk", "router") + (MOR_ROUTER_KEYS if moe.get("router") == "mor" else ())
+    missing = [key for key in required if key not in moe]
+    if missing:
+        raise ExportError(f"the moe settings lack {', '.join(missing)}")
+    router_fields = dict(router_type=moe["router"], router_scale=float(moe.get("router_scale", 1.0)))
+    if moe["router"] == "mor":
+        router_fields.update(
+            num_routers=moe["num_routers"],
+            router_dim=moe["router_dim"],
+            num_router_keys=moe["num_keys"],
+            router_aggregation=moe["aggregation"],
+        )
+    config_kwargs = _moe_config_kwargs(hf_config, moe, dtype)
+    try:
+        config = Qwen2MoRConfig(**config_kwargs, **router_fields)
+    except (ValueError, TypeError) as error:
+        raise ExportError(f"invalid MoE settings: {error}") from error
+    config.architectures = ["Qwen2MoRForCausalLM"]
+    config.auto_map = dict(MOR_AUTO_MAP)
+    return config
+
+
+def qwen2_moe_config(hf_config: dict, moe: dict, dtype: torch.dtype) -> Qwen2MoeConfig:
+    """The stock `qwen2_moe` config of an export (linear gate, no shared expert)."""
+    config = Qwen2MoeConfig(**_moe_config_kwargs(hf_config, moe, dtype))
+    config.architectures = ["Qwen2MoeForCausalLM"]
+    return config
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def expected_mor_shapes(config: Qwen2MoRConfig) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor a `mor` folder holds, read off the model itself (built on the meta device)."""
+    with torch.device("meta"):
+        model = Qwen2MoRForCausalLM(config)
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        del shapes["lm_head.weight"]
+    return shapes
+
+
+def check_mor_tensors(tensors: dict[str, torch.Tensor], config: Qwen2MoRConfig) -> None:
+    """Raise ExportError unless `tensors` has exactly the names and shapes of the `mor` model `config` describes."""
+    expected = expected_mor_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ExportError(
+            f"tensors do not match a {config.router_type} model: missing {_few(missing)}, unexpected {_few(unexpected)}"
+        )
+    wrong = [f"{name} {tuple(tensors[name].shape)} (expected {tuple(shape)})" for name, shape in expected.items() if tensors[name].shape != shape]
+    if wrong:
+        raise ExportError(f"tensor shapes do not match the configuration: {_few(wrong)}")
+
+
+def _few(items: list, limit: int = 3) -> str:
+    if not items:
+        return "none"
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def folded_gate(tensors: dict[str, torch.Tensor], layer: int, moe: dict) -> torch.Tensor:
+    """The linear gate [N, d] that routes as layer `layer`'s router does, or ExportError if there is none."""
+    prefix = f"model.layers.{layer}.{ROUTER_PREFIX}"
+    router = moe["router"]
+    if router in ("linear", "switch"):
+        return tensors[prefix + "weight"]
+    if router == "mor":
+        reason = router_math.fold_reason(moe["num_keys"], moe["num_experts"], moe["aggregation"])
+        if reason is None:
+            return router_math.fold_to_linear_gate(
+                tensors[prefix + "query_weight"].float(),
+                tensors[prefix + "keys"].float(),
+                moe["num_experts"],
+                moe["aggregation"],
+                float(moe.get("router_scale", 1.0)),
+            )
+        raise ExportError(f"a stock Qwen2-MoE gate cannot express this Mixture-of-Routers: {reason}; export the 'mor' format")
+    raise ExportError(f"a stock Qwen2-MoE gate is linear and cannot express the '{router}' router; export the 'mor' format")
+
+
+def qwen2_moe_tensors(tensors: dict[str, torch.Tensor], config: Qwen2MoeConfig, moe: dict) -> dict[str, torch.Tensor]:
+    """`mor` tensors -> the per-expert on-disk layout of published Qwen2-MoE checkpoints.
+
+    Fused experts split into `experts.{e}.gate_proj` [I, d], `up_proj` [I, d], `down_proj` [d, I]; the router
+    becomes `gate.weight` [N, d]; an empty shared expert and a zero `shared_expert_gate` make loading complete.
+    """
+    out = {name: tensor for name, tensor in tensors.items() if ".mlp." not in name}
+    hidden, intermediate = config.hidden_size, config.moe_intermediate_size
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp."
+        gate_up = tensors[prefix + "experts.gate_up_proj"]  # [N, 2I, d]
+        down = tensors[prefix + "experts.down_proj"]  # [N, d, I]
+        for expert in range(config.num_experts):
+            out[f"{prefix}experts.{expert}.gate_proj.weight"] = gate_up[expert, :intermediate]
+            out[f"{prefix}experts.{expert}.up_proj.weight"] = gate_up[expert, intermediate:]
+            out[f"{prefix}experts.{expert}.down_proj.weight"] = down[expert]
+        out[prefix + "gate.weight"] = folded_gate(tensors, layer, moe)
+        out[prefix + "shared_expert.gate_proj.weight"] = torch.zeros(0, hidden)
+        out[prefix + "shared_expert.up_proj.weight"] = torch.zeros(0, hidden)
+        out[prefix + "shared_expert.down_proj.weight"] = torch.zeros(hidden, 0)
+        out[prefix + "shared_expert_gate.weight"] = torch.zeros(1, hidden)
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor],
+    folder: str,
+    dtype: torch.dtype,
+    max_shard_size: Union[int, str] = "5GB",
+    keep_float32: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Write `tensors` cast to `dtype` (float32 where `keep_float32(name)`) as one file or as shards plus an index."""
+    target_dtypes = {name: torch.float32 if keep_float32(name) else dtype for name in tensors}
+    shards = _plan_shards(tensors, target_dtypes, convert_file_size_to_int(max_shard_size))
+    if len(shards) == 1:
+        filenames = ["model.safetensors"]
+    else:
+        filenames = [f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))]
+    for filename, names in tqdm(list(zip(filenames, shards)), desc="writing safetensors", unit="file", disable=None):
+        # clone: per-expert views share storage, which safetensors refuses to write
+        shard = {name: tensors[name].detach().to("cpu", target_dtypes[name]).contiguous().clone() for name in names}
+        save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total_size = sum(tensors[name].numel() * target_dtypes[name].itemsize for name in tensors)
+        weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as file:
+            json.dump(index, file, indent=2)
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], target_dtypes: dict[str, torch.dtype], max_bytes: int) -> list[list[str]]:
+    """Tensor names in order, cut greedily into groups of at most max_bytes (a larger tensor gets its own group)."""
+    shards, current, current_bytes = [], [], 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * target_dtypes[name].itemsize
+        if current and current_bytes + size > max_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def read_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"cannot read a tokenizer from {tokenizer_dir}: {error}") from error
+
+
+def write_generation_config(config, tokenizer_dir: str, folder: str) -> None:
+    """The source's generation_config.json when the tokenizer folder has one, else one built from the config."""
+    if os.path.isfile(os.path.join(tokenizer_dir, "generation_config.json")):
+        generation_config = GenerationConfig.from_pretrained(tokenizer_dir)
+    else:
+        generation_config = GenerationConfig.from_model_config(config)
+    generation_config.save_pretrained(folder)
+
+
+def copy_mor_code(folder: str) -> None:
+    """The config and modeling files, and the REAL router math as `mor.py` (the package's hf/mor.py is a shim)."""
+    shutil.copyfile(configuration_mor.__file__, os.path.join(folder, "configuration_mor.py"))
+    shutil.copyfile(modeling_mor.__file__, os.path.join(folder, "modeling_mor.py"))
+    shutil.copyfile(router_math.__file__, os.path.join(folder, "mor.py"))
+
+
+def model_card(card: dict, moe: dict, dtype: torch.dtype, remote_code: bool) -> str:
+    """README.md: where the model comes from, its router and how it was initialised and trained.
+
+    `card` holds the checkpoint metadata: `source_model`, `calibration` ({"tokens": ...}) and `training`
+    ({"iteration": ..., "consumed_tokens": ...}); absent entries read "unknown".
+    """
+    calibration = card.get("calibration") or {}
+    training = card.get("training") or {}
+    router = moe["router"]
+    rows = [
+        ("source model", card.get("source_model", "unknown")),
+        ("experts (N)", moe["num_experts"]),
+        ("experts per token (k)", 1 if router == "switch" else moe["topk"]),
+        ("router", router),
+    ]
+    if router == "mor":
+        rows += [
+            ("routers (R)", moe["num_routers"]),
+            ("router dim (d_r)", moe["router_dim"]),
+            ("expert keys (K)", moe["num_keys"]),
+            ("aggregation", moe["aggregation"]),
+            ("router scale", moe.get("router_scale", 1.0)),
+        ]
+    rows += [
+        ("calibration tokens", calibration.get("tokens", "unknown")),
+        ("training iterations", training.get("iteration", "unknown")),
+        ("training tokens", training.get("consumed_tokens", "unknown")),
+        ("dtype", str(dtype).replace("torch.", "")),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    loading = (
+        "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # Qwen2MoRForCausalLM"
+        if remote_code
+        else "AutoModelForCausalLM.from_pretrained(path)  # stock Qwen2MoeForCausalLM"
+    )
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- mixture-of-experts\n- router-upcycling\n---\n\n"
+        "# Router Upcycling mixture-of-experts model\n\n"
+        "A Qwen2 model upcycled to a mixture of experts (Router Upcycling, arXiv 2509.00679): every FFN copied "
+        "into N experts, routers initialised from the attention heads, then trained with megatron-core.\n\n"
+        f"| setting | value |\n|---|---|\n{table}\n\n"
+        f"Load with transformers:\n\n```python\nfrom transformers import AutoModelForCausalLM\nmodel = {loading}\n```\n"
+    )
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: str, force: bool) -> Iterator[str]:
+    """A temporary folder beside output_dir that replaces it only when the body finishes without error."""
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and not force:
+        raise ExportError(f"{output_dir} already exists; pass force to replace it")
+    parent, name = os.path.split(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output should not be
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.exists(output_dir):
+        retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        os.rename(output_dir, os.path.join(retired, name))
+        os.rename(staging, output_dir)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, output_dir)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_common(
+    folder: str, config, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: str, card: dict, moe: dict, dtype: torch.dtype, remote_code: bool
+) -> None:
+    config.save_pretrained(folder)
+    write_generation_config(config, tokenizer_dir, folder)
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "README.md"), "w") as file:
+        file.write(model_card(card, moe, dtype, remote_code))
+
+
+# ---------------------------------------------------------------- writers
+
+
+def write_mor_folder(
+    tensors: dict[str, torch.Tensor],
+    hf_config: dict,
+    moe: dict,
+    tokenizer_dir: str,
+    output_dir: str,
+    dtype: torch.dtype = torch.bfloat16,
+    card: Optional[dict] = None,
+    force: bool = False,
+    max_shard_size: Union[int, str] = "5GB",
+) -> str:
+    """Write a self-contained `qwen2_mor` folder (loads with `trust_remote_code=True`); returns its path.
+
+    Args:
+        tensors: every weight in the `mor` naming of docs/checkpoint-format.md.
+        hf_config: the dense source model's Qwen2 config.json as a dict.
+        moe: the "moe" block of router_upcycling.json.
+        tokenizer_dir: folder with the source tokenizer (and optionally its generation_config.json).
+        output_dir: destination; replaced only with `force`, and only after everything is written.
+        dtype: torch.bfloat16 or torch.float32 for the weights; router weights stay float32.
+        card: checkpoint metadata for the model card (source_model, calibration, training).
+        max_shard_size: largest safetensors file, e.g. "5GB" or a byte count.
+    """
+    config = mor_config(hf_config, moe, dtype)
+    check_mor_tensors(tensors, config)
+    tokenizer = read_tokenizer(tokenizer_dir)
+    with staged_output(output_dir, force) as folder:
+        write_safetensors(tensors, folder, dtype, max_shard_size, keep_float32=lambda name: f".{ROUTER_PREFIX}" in name)
+        _write_common(folder, config, tokenizer, tokenizer_dir, card or {}, moe, dtype, remote_code=True)
+        copy_mor_code(folder)
+    return os.path.abspath(output_dir)
+
+
+def write_qwen2_moe_folder(
+    tensors: dict[str, torch.Tensor],
+    hf_config: dict,
+    moe: dict,
+    tokenizer_dir: str,
+    output_dir: str,
+    dtype: torch.dtype = torch.bfloat16,
+    card: Optional[dict] = None,
+    force: bool = False,
+    max_shard_size: Union[int, str] = "5GB",
+) -> str:
+    """Write a stock `Qwen2MoeForCausalLM` folder (no remote code); returns its path.
+
+    Same arguments as `write_mor_folder`. The router must fold to a linear gate (`linear`, `switch` as top-1
+    linear, `mor` with `sum` aggregation and one key per expert); otherwise ExportError says why.
+    """
+    check_mor_tensors(tensors, mor_config(hf_config, moe, dtype))
+    config = qwen2_moe_config(hf_config, moe, dtype)
+    stock_tensors = qwen2_moe_tensors(tensors, config, moe)
+    tokenizer = read_tokenizer(tokenizer_dir)
+    with staged_output(output_dir, force) as folder:
+        write_safetensors(stock_tensors, folder, dtype, max_shard_size)
+        _write_common(folder, config, tokenizer, tokenizer_dir, card or {}, moe, dtype, remote_code=False)
+    return os.path.abspath(output_dir)
