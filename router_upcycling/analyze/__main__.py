@@ -1,0 +1,124 @@
+"""`python -m router_upcycling.analyze {routing,specialization,load}`: routing and expert analyses of an MoE folder."""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from router_upcycling.analyze.inputs import AnalysisError, load_model, read_documents, token_chunks
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face MoE folder (stock Qwen2-MoE or a `mor` export)")
+    parser.add_argument("--output", required=True, help="folder to create for the JSON and PNG (refuses an existing one without --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output folder")
+    parser.add_argument("--json-key", default="text", help="text field of .jsonl rows (default: text); a .txt file is one document")
+    parser.add_argument("--max-tokens", type=int, default=65536, help="tokens to analyse per text file (default 65536)")
+    parser.add_argument("--seq-length", type=int, default=2048, help="tokens per sequence: documents are EOS-joined and cut into chunks (default 2048)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16 or float16")
+    parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=True,
+                        help="let the folder's own modeling code run (needed for `mor` exports; default on)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m router_upcycling.analyze",
+                                     description="Routing diversity, expert specialisation and expert load of a Hugging Face MoE folder.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    routing = commands.add_parser("routing", help="average routing weight of each expert per domain at one layer (paper Fig. 5)",
+                                  description="Average routing weight of each expert per domain at one layer: top-k weights, zero for "
+                                  "experts not chosen, averaged over every token of the domain's texts. Writes routing.json and routing.png.")
+    routing.add_argument("--domain", action="append", required=True, metavar="NAME=FILE",
+                         help="a domain and its .jsonl/.txt file; repeat for each domain (e.g. --domain Math=math.jsonl --domain Code=code.jsonl)")
+    routing.add_argument("--layer", type=int, help="decoder layer index, negative counts from the end (default: the last MoE layer)")
+    commands.add_parser("specialization", help="mean pairwise cosine similarity of expert outputs per layer (paper Fig. 6)",
+                        description="Per layer, every expert is applied to every token of the layer's MoE input and the cosine "
+                        "similarity of every pair of experts' outputs is averaged over pairs and tokens (lower = more specialised). "
+                        "Writes specialization.json and specialization.png.")
+    commands.add_parser("load", help="share of routed tokens per expert per layer",
+                        description="Per layer, the share of routing slots (tokens x top-k) each expert received. Writes load.json and load.png.")
+    for name in ("specialization", "load"):
+        commands.choices[name].add_argument("--data", required=True, help=".jsonl or .txt file of texts")
+    for sub in commands.choices.values():
+        add_common_arguments(sub)
+    return parser
+
+
+def parse_domains(specs: List[str]) -> Dict[str, str]:
+    domains: Dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise AnalysisError(f"--domain expects NAME=FILE, got {spec!r}")
+        if name in domains:
+            raise AnalysisError(f"domain {name!r} given twice")
+        domains[name] = path
+    return domains
+
+
+def check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise AnalysisError(f"{path} exists; pass --force to replace it")
+    if not path.resolve().parent.is_dir():
+        raise AnalysisError(f"folder of --output does not exist: {path.parent}")
+
+
+def write_output(output: Path, stem: str, result: dict, plot: Callable[[dict, str], None]) -> None:
+    """Write STEM.json and STEM.png into a staging folder beside output, then move it into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.resolve().parent))
+    (staging / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, str(staging / f"{stem}.png"))
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staging, output)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from router_upcycling.analyze import analyses, plots
+
+    output = Path(args.output)
+    check_output(output, args.force)
+    if args.command == "routing":
+        domain_files = parse_domains(args.domain)
+        documents = {name: read_documents(path, args.json_key) for name, path in domain_files.items()}
+    else:
+        documents = {"data": read_documents(args.data, args.json_key)}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, device, args.dtype, args.trust_remote_code)
+    if args.command == "routing":
+        layer = analyses.pick_layer(model, args.layer)
+    chunks = {name: token_chunks(tokenizer, docs, args.seq_length, args.max_tokens) for name, docs in documents.items()}
+    settings = {key: getattr(args, key) for key in ("max_tokens", "seq_length", "batch_size", "dtype")}
+    if args.command == "routing":
+        result = analyses.routing_weights_by_domain(model, chunks, layer, args.batch_size)
+        result["files"] = domain_files
+        plot = plots.plot_routing
+    elif args.command == "specialization":
+        result = analyses.expert_similarity_by_layer(model, chunks["data"], args.batch_size)
+        plot = plots.plot_specialization
+    else:
+        result = analyses.expert_load_by_layer(model, chunks["data"], args.batch_size)
+        plot = plots.plot_load
+    write_output(output, args.command, {"model": args.model, **result, "settings": settings}, plot)
+    print(f"wrote {output / (args.command + '.json')} and {output / (args.command + '.png')}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    for name in ("max_tokens", "seq_length", "batch_size"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
+    try:
+        run(args)
+    except AnalysisError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
