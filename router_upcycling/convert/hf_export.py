@@ -8,12 +8,10 @@ into a temporary directory beside the destination that is renamed into place at 
 Shape legend
     N  experts    I  expert intermediate size    d  hidden size    R  routers    d_r  router dim    K  keys
 """
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -22,6 +20,8 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from transformers.utils.hub import convert_file_size_to_int
 
 import router_upcycling.mor as router_math
+from router_upcycling.errors import UserError
+from router_upcycling.outputs import staged_output
 from router_upcycling.hf import configuration_mor, modeling_mor
 from router_upcycling.hf.configuration_mor import Qwen2MoRConfig
 from router_upcycling.hf.modeling_mor import Qwen2MoRForCausalLM
@@ -37,7 +37,7 @@ ROUTER_PREFIX = "mlp.gate."
 MOR_ROUTER_KEYS = ("num_routers", "router_dim", "num_keys", "aggregation")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The tensors, configuration or destination given to an export cannot be written as asked."""
 
 
@@ -282,36 +282,6 @@ def model_card(card: dict, moe: dict, dtype: torch.dtype, remote_code: bool) -> 
         f"| setting | value |\n|---|---|\n{table}\n\n"
         f"Load with transformers:\n\n```python\nfrom transformers import AutoModelForCausalLM\nmodel = {loading}\n```\n"
     )
-
-
-@contextlib.contextmanager
-def staged_output(output_dir: str, force: bool) -> Iterator[str]:
-    """A temporary folder beside output_dir that replaces it only when the body finishes without error."""
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not force:
-        raise ExportError(f"{output_dir} already exists; pass force to replace it")
-    parent, name = os.path.split(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-    os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output should not be
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if os.path.exists(output_dir):
-        retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-        os.rename(output_dir, os.path.join(retired, name))
-        os.rename(staging, output_dir)
-        shutil.rmtree(retired)
-    else:
-        os.rename(staging, output_dir)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_common(

@@ -139,3 +139,35 @@ def map_dense_to_mcore(
             for rule in EXPERT_RULES
         }
     return shared, ffn
+
+
+ROUTER_MCORE = "decoder.layers.{layer}.mlp.router."
+ROUTER_HF = "model.layers.{layer}.mlp.gate."
+EXPERTS_HF = {
+    EXPERT_RULES[0].mcore: "model.layers.{layer}.mlp.experts.gate_up_proj",  # [N, 2I, d]: fc1 is gate rows, then up rows
+    EXPERT_RULES[1].mcore: "model.layers.{layer}.mlp.experts.down_proj",  # [N, d, I]
+}
+
+
+def map_mcore_to_mor(
+    mcore_tensors: dict, num_layers: int, num_experts: int, num_heads: int, num_query_groups: int, tied_embeddings: bool
+) -> dict:
+    """Full megatron tensors (TP = PP = EP = 1 names) -> the `mor` HF naming of docs/checkpoint-format.md.
+
+    The dense table is applied backwards; each layer's experts are stacked into the fused
+    `gate_up_proj` / `down_proj`; router parameters keep their names under `mlp.gate.`.
+    """
+    hf = {}
+    for rule in rules_for(tied_embeddings):
+        layers = range(num_layers) if is_per_layer(rule) else [None]
+        for layer in layers:
+            parts = to_hf(rule, mcore_tensors[expand(rule.mcore, layer)], num_heads, num_query_groups)
+            hf.update({expand(name, layer): part.contiguous() for name, part in zip(rule.hf, parts)})
+    for layer in range(num_layers):
+        for template, hf_name in EXPERTS_HF.items():
+            hf[expand(hf_name, layer)] = torch.stack([mcore_tensors[expand(template, layer, e)] for e in range(num_experts)])
+        router_prefix = expand(ROUTER_MCORE, layer)
+        for name, tensor in mcore_tensors.items():
+            if name.startswith(router_prefix):
+                hf[expand(ROUTER_HF, layer) + name[len(router_prefix):]] = tensor
+    return hf

@@ -9,8 +9,6 @@ import dataclasses
 import gc
 import logging
 import os
-import shutil
-import tempfile
 from typing import List, Optional
 
 import torch
@@ -18,6 +16,7 @@ import torch
 from router_upcycling.convert.hf_source import ConversionError, load_dense_tensors, read_hf_config
 from router_upcycling.convert.mapping import EXPERT_RULES, dense_tensor_names, expand, map_dense_to_mcore
 from router_upcycling.mcore.model import MoESettings, head_dim
+from router_upcycling.outputs import refuse_existing, staged_output
 
 log = logging.getLogger("router_upcycling.upcycle")
 
@@ -31,24 +30,6 @@ class CalibrationSettings:
     tokens: int = 41943040  # paper: 10 iterations x batch 1024 x sequence 4096
     seq_length: int = 4096
     batch_size: Optional[int] = None
-
-
-def prepare_output(output: str, force: bool) -> str:
-    """A fresh temporary folder beside `output`; refuses an existing output without force."""
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not force:
-        raise ConversionError(f"output {output} exists; pass --force to replace it")
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-
-
-def publish_output(tmp_dir: str, output: str) -> None:
-    """Replace `output` by the finished temporary folder (the old one is removed only now)."""
-    output = os.path.abspath(output)
-    if os.path.exists(output):
-        shutil.rmtree(output)
-    os.rename(tmp_dir, output)
 
 
 def check_router_settings(hf_config: dict, moe: MoESettings) -> None:
@@ -137,15 +118,13 @@ def upcycle(
     check_router_settings(hf_config, moe)
     num_layers = hf_config["num_hidden_layers"]
     tied = bool(hf_config.get("tie_word_embeddings", False))
-    if os.path.exists(output) and not force:
-        raise ConversionError(f"output {os.path.abspath(output)} exists; pass --force to replace it")
+    refuse_existing(output, force)
     names = dense_tensor_names(num_layers, tied)
     load_dense_tensors(hf_model, names[:1])  # fail fast on unreadable weights, before calibration
 
     mor_routers = mor_router_weights(hf_model, hf_config, moe, calib, progress) if moe.router == "mor" else None
 
-    tmp_dir = prepare_output(output, force)
-    try:
+    with staged_output(output, force) as staging:
         log.info("reading %s", hf_model)
         hf_tensors = load_dense_tensors(hf_model, names)
         shared, ffn = map_dense_to_mcore(
@@ -168,8 +147,8 @@ def upcycle(
         assign_weights(model, shared, ffn, routers, DTYPES[dtype])
         del shared, ffn
         log.info("writing %s experts x %s layers to %s", moe.num_experts, num_layers, output)
-        save_sharded(model_state(model), os.path.join(tmp_dir, iteration_dir_name(RELEASE)))
-        write_metadata(tmp_dir, {
+        save_sharded(model_state(model), os.path.join(staging, iteration_dir_name(RELEASE)))
+        write_metadata(staging, {
             "hf_config": hf_config,
             "moe": moe.to_dict(hf_config),
             "source_model": os.path.abspath(hf_model),
@@ -181,10 +160,6 @@ def upcycle(
             "seed": seed,
             "training": {"iteration": 0, "consumed_tokens": 0},
         })
-        copy_tokenizer(hf_model, tmp_dir)
-        write_tracker(tmp_dir, RELEASE)
-        publish_output(tmp_dir, output)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        copy_tokenizer(hf_model, staging)
+        write_tracker(staging, RELEASE)
     return os.path.abspath(output)

@@ -4,6 +4,8 @@ import json
 import os
 
 import pytest
+
+from router_upcycling.outputs import OutputExistsError
 import torch
 from hf_test_support import dense_config, logits_in_fresh_interpreter, moe_block, upcycled_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,7 +150,7 @@ def test_existing_output_is_refused_untouched_and_replaced_with_force(dense_mode
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("precious")
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="exists; pass --force"):
         export("mor", dense_models["mha-tied"], output, moe_block("mor"))
     assert os.listdir(output) == ["keep.txt"] and (output / "keep.txt").read_text() == "precious"
     export("mor", dense_models["mha-tied"], output, moe_block("mor"), force=True)

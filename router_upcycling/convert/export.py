@@ -1,0 +1,61 @@
+"""Export a Megatron MoE checkpoint (upcycled or trained) to a Hugging Face folder.
+
+The checkpoint is read through megatron-core's distributed checkpoint loading into a model at
+TP = PP = EP = 1, whatever layout it was saved with; the weight table then maps it to the `mor`
+naming, which the HF writers turn into a `mor` (remote code) or stock `qwen2_moe` folder.
+"""
+import os
+
+import torch
+
+from router_upcycling.convert.hf_export import ExportError, write_mor_folder, write_qwen2_moe_folder
+from router_upcycling.convert.mapping import map_mcore_to_mor
+from router_upcycling.convert.verify import load_megatron_model
+from router_upcycling.mcore.checkpoint import TOKENIZER_DIR, CheckpointError, read_metadata, read_tracker
+from router_upcycling.mor import fold_reason
+from router_upcycling.outputs import refuse_existing
+
+FORMATS = {"mor": write_mor_folder, "qwen2_moe": write_qwen2_moe_folder}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_exportable(moe: dict, fmt: str) -> None:
+    """Refuse, before any loading, what the format cannot express."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt != "qwen2_moe":
+        return
+    if moe["router"] == "mlp":
+        raise ExportError("the mlp router cannot be exported as qwen2_moe: a 2-layer MLP gate is not linear; use --format mor")
+    if moe["router"] == "mor":
+        reason = fold_reason(moe["num_keys"], moe["num_experts"], moe["aggregation"])
+        if reason:
+            raise ExportError(f"this mor router cannot be exported as qwen2_moe: {reason}; use --format mor")
+
+
+def export(checkpoint: str, output: str, fmt: str, iteration=None, dtype: str = "bf16", force: bool = False) -> str:
+    """Write `output` in format `fmt` from the checkpoint folder; returns the output path."""
+    refuse_existing(output, force)
+    try:
+        metadata = read_metadata(checkpoint)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    hf_config, moe = metadata["hf_config"], metadata["moe"]
+    check_exportable(moe, fmt)
+    model, _ = load_megatron_model(checkpoint, iteration)
+    mcore_tensors = {name: param.detach() for name, param in model.named_parameters()}
+    tensors = map_mcore_to_mor(
+        mcore_tensors,
+        num_layers=hf_config["num_hidden_layers"],
+        num_experts=moe["num_experts"],
+        num_heads=hf_config["num_attention_heads"],
+        num_query_groups=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+        tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+    )
+    del model, mcore_tensors
+    exported_iteration = iteration if iteration is not None else read_tracker(checkpoint)
+    card = {**metadata, "training": {**(metadata.get("training") or {}), "iteration": exported_iteration}}
+    return FORMATS[fmt](
+        tensors, hf_config, moe, tokenizer_dir=os.path.join(checkpoint, TOKENIZER_DIR), output_dir=output,
+        dtype=DTYPES[dtype], card=card, force=force,
+    )
