@@ -86,12 +86,37 @@ def resolve_iteration_dir(checkpoint_dir: str, iteration=None) -> str:
     return path
 
 
+def share_view_copies(sharded_state_dict: dict) -> None:
+    """Give CPU tensors that are views (e.g. the gate and up halves megatron-core cuts from each
+    SwiGLU `linear_fc1`) one compact copy per distinct view, in place.
+
+    megatron-core's writer clones every CPU view it writes; upcycled experts are N views of the same
+    tensor, so without this the writer would hold N clones of every FFN.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded_state_dict)
+    copies = {}
+    for item in nested_values(sharded_state_dict):
+        if not isinstance(item, ShardedTensor) or item.data is None or item.data.device.type != "cpu":
+            continue
+        data = item.data
+        if data.untyped_storage().nbytes() == data.numel() * data.element_size():
+            continue
+        key = (data.untyped_storage().data_ptr(), data.storage_offset(), tuple(data.shape), data.stride(), data.dtype)
+        if key not in copies:
+            copies[key] = data.clone()
+        item.data = copies[key]
+
+
 def save_sharded(sharded_state_dict: dict, iteration_dir: str) -> None:
     """Write a torch_dist checkpoint (synchronous, one writer thread: safe on CPU)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     os.makedirs(iteration_dir, exist_ok=True)
+    share_view_copies(sharded_state_dict)
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
     dist_checkpointing.save(sharded_state_dict, iteration_dir, sharded_strategy=strategy)
 
