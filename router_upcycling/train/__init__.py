@@ -1,0 +1,1 @@
+"""Training with megatron-core: `python -m router_upcycling.train` (see trainer.py and arguments.py)."""

@@ -1,0 +1,145 @@
+"""What a run reports: a stdout line, `SAVE/metrics.jsonl`, TensorBoard and W&B (rank 0), plus the
+per-layer share of tokens each expert receives, counted from the routers' routing maps.
+
+Shapes: L MoE layers, N experts, T tokens of a micro-batch.
+"""
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("router_upcycling.train")
+
+
+class RoutingCounter:
+    """Tokens routed to each expert per layer [L, N], from forward hooks on every `mlp.router` (training only)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        routers = [m for name, m in model.named_modules() if name.endswith("mlp.router")]
+        # counted on the model's device: no host sync per layer and micro-batch
+        self.counts = torch.zeros(len(routers), routers[0].config.num_moe_experts, dtype=torch.float64, device=device)
+        self.handles = [router.register_forward_hook(self._hook(layer)) for layer, router in enumerate(routers)]
+
+    def _hook(self, layer: int):
+        def count(module, inputs, outputs) -> None:
+            if module.training:
+                _, routing_map = outputs  # [T, N] bool
+                self.counts[layer] += routing_map.sum(0).to(self.counts)
+        return count
+
+    def shares(self, group) -> List[List[float]]:
+        """Each layer's share of routed tokens per expert, summed over the data-parallel group, then reset."""
+        counts = self.counts.clone()
+        dist.all_reduce(counts, group=group)
+        self.counts.zero_()
+        shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+        return [[round(x, 5) for x in row] for row in shares.tolist()]
+
+
+def flops_per_token(hf_config: dict, num_experts: int, topk: int, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) of the active parameters and attention.
+
+    Per layer forward: 2 x (q,k,v,o projections + topk SwiGLU experts) multiply-adds plus 2 x 2 x s x d
+    for the attention scores and weighted values (full, not causal-halved, as Megatron-LM counts);
+    plus the output layer. Router FLOPs are negligible and left out.
+    """
+    d = hf_config["hidden_size"]
+    heads = hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    head_dim = hf_config.get("head_dim") or d // heads
+    ffn = hf_config["intermediate_size"]
+    attention = d * head_dim * (2 * heads + 2 * kv_heads)
+    experts = topk * 3 * d * ffn
+    per_layer = 2 * (attention + experts) + 4 * seq_length * heads * head_dim
+    forward = hf_config["num_hidden_layers"] * per_layer + 2 * d * hf_config["vocab_size"]
+    return 3.0 * forward
+
+
+class MetricsWriter:
+    """Rank 0 writes; every logged step is one stdout line and one JSON line in SAVE/metrics.jsonl."""
+
+    def __init__(self, args: argparse.Namespace, is_writer: bool) -> None:
+        self.is_writer = is_writer
+        self.jsonl = os.path.join(args.save, "metrics.jsonl") if args.save and is_writer else None
+        self.tensorboard = self._tensorboard(args.tensorboard_dir) if is_writer and args.tensorboard_dir else None
+        self.wandb = self._wandb(args) if is_writer and args.wandb_project else None
+
+    @staticmethod
+    def _tensorboard(log_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("--tensorboard-dir given but the tensorboard package is not installed: no TensorBoard logs "
+                        "(pip install tensorboard)")
+            return None
+        return SummaryWriter(log_dir=log_dir)
+
+    @staticmethod
+    def _wandb(args: argparse.Namespace):
+        try:
+            import wandb
+        except ImportError:
+            log.warning("--wandb-project given but wandb is not installed: no W&B logs (pip install wandb)")
+            return None
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        name = args.wandb_exp_name or (os.path.basename(os.path.abspath(args.save)) if args.save else None)
+        return wandb.init(project=args.wandb_project, name=name, mode=mode, config=vars(args),
+                          dir=args.save or None)
+
+    def write(self, record: Dict, line: str) -> None:
+        if not self.is_writer:
+            return
+        print(line, flush=True)
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step" and v is not None}
+        if self.tensorboard:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def train_line(record: Dict, train_iters: int) -> str:
+    parts = [f"step {record['step']}/{train_iters}", f"loss {record['lm_loss']:.4f}", f"lr {record['lr']:.3e}",
+             f"grad norm {record['grad_norm']:.3f}", f"tokens/s {record['tokens_per_sec']:.0f}"]
+    if record.get("load_balancing_loss") is not None:
+        parts.append(f"lb loss {record['load_balancing_loss']:.4f}")
+    if record.get("z_loss") is not None:
+        parts.append(f"z loss {record['z_loss']:.4f}")
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    parts.append(f"ETA {format_seconds(record['eta_sec'])}")
+    return " | ".join(parts)
+
+
+def format_seconds(seconds: Optional[float]) -> str:
+    seconds = int(seconds or 0)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class IntervalTimer:
+    """Wall time of the steps since the last log (synchronising the device so times are real)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed

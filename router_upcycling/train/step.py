@@ -1,0 +1,90 @@
+"""One training step and one validation pass, through megatron-core's forward/backward schedules.
+
+GPU: `get_forward_backward_func()` (pipeline-aware; with DDP it also finalises the gradient
+reduction). CPU: megatron's schedule allocates its token counter on CUDA, so `cpu_forward_backward`
+runs the same per-micro-batch pieces (`forward_step`, `backward_step`: loss scaling by
+1/micro-batches and the MoE aux-loss scale included) in the non-pipelined order; PP = 1 on CPU.
+
+Shapes: b micro batch, s sequence length.
+"""
+import functools
+from typing import Callable, Dict, Iterator, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
+
+from router_upcycling.mcore.model import causal_attention_mask
+
+
+def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron's 3-tuple loss contract: (sum of token losses, token count, values to report)."""
+    loss_sum = (per_token_loss.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
+
+
+def make_forward_step(seq_length: int, device: torch.device) -> Callable:
+    """forward_step_func(data_iterator, model) as megatron's schedules call it."""
+    attention_mask = causal_attention_mask(seq_length, device=device)
+
+    def forward_step_func(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
+        batch = next(data_iterator)
+        per_token_loss = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])  # [b, s]
+        return per_token_loss, functools.partial(masked_token_loss, batch["loss_mask"])
+
+    return forward_step_func
+
+
+def cpu_forward_backward(*, forward_step_func, data_iterator, model, num_microbatches: int, forward_only: bool,
+                         **_unused) -> List[Dict]:
+    """forward_backward_no_pipelining without its CUDA token counter and without DDP finalisation."""
+    config = model.config
+    store: List[Dict] = []
+    for microbatch in range(num_microbatches):
+        output, _ = forward_step(forward_step_func, data_iterator, model, num_microbatches, None, store, config,
+                                 cp_group_size=1, is_first_microbatch=microbatch == 0, current_microbatch=microbatch)
+        if not forward_only:
+            backward_step(None, output, None, ModelType.encoder_or_decoder, config)
+    return store
+
+
+def forward_backward(model, data_iterator, forward_step_func, num_microbatches: int, args, forward_only: bool) -> List[Dict]:
+    run = cpu_forward_backward if args.device == "cpu" else get_forward_backward_func()
+    return run(forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
+               num_microbatches=num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+               forward_only=forward_only)
+
+
+def mean_reported_loss(store: List[Dict], device: torch.device) -> float:
+    """Token-weighted mean of the micro-batch losses over this step's micro-batches and data-parallel ranks."""
+    totals = torch.zeros(2, device=device)
+    if parallel_state.is_pipeline_last_stage():
+        for reported in store:
+            totals += reported["lm loss"].to(device)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    # the last pipeline stage holds the loss: share it with the whole pipeline
+    dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def train_step(model, optimizer, data_iterator, forward_step_func, num_microbatches: int, args, device) -> Dict:
+    model.train()
+    optimizer.zero_grad()
+    store = forward_backward(model, data_iterator, forward_step_func, num_microbatches, args, forward_only=False)
+    grad_norm = optimizer.step()
+    return {"lm_loss": mean_reported_loss(store, device), "grad_norm": grad_norm}
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterator, forward_step_func, num_microbatches: int, args, device) -> float:
+    """Mean token loss over --eval-iters global batches (the same validation samples every time)."""
+    model.eval()
+    store = []
+    for _ in range(args.eval_iters):
+        store += forward_backward(model, batches, forward_step_func, num_microbatches, args, forward_only=True)
+    model.train()
+    return mean_reported_loss(store, device)
