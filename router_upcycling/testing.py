@@ -80,10 +80,16 @@ def make_dense_qwen2(output_dir: str, seed: int = 0, std: float = 0.08, tokenize
     config_kwargs.setdefault("vocab_size", -(-len(tokenizer) // 128) * 128)
     config = tiny_qwen2_config(**config_kwargs)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    return _save_randomized(Qwen2ForCausalLM(config), tokenizer, output_dir, std)
+
+
+def _save_randomized(model, tokenizer, output_dir: str, std: float) -> str:
+    """Norm weights near 1, a disabled shared-expert gate at 0, every other weight normal(0, std); then save."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "shared_expert_gate" in name:
+                param.zero_()
+            elif "norm" in name:
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, std)
@@ -91,3 +97,26 @@ def make_dense_qwen2(output_dir: str, seed: int = 0, std: float = 0.08, tokenize
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def make_tiny_qwen2_moe(output_dir: str, seed: int = 0, num_experts: int = 4, top_k: int = 2, std: float = 0.08,
+                        tokenizer=None, num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 48,
+                        num_heads: int = 4, norm_topk_prob: bool = True, max_position_embeddings: int = 256) -> str:
+    """Write a tiny random stock Qwen2MoeForCausalLM (float32, no shared expert) and its tokenizer.
+
+    The shared expert is disabled (`shared_expert_intermediate_size=0`); its zero-size tensors
+    and a zero gate are saved so that loading reports nothing missing.
+    """
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tokenizer = tokenizer or train_tokenizer()
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        moe_intermediate_size=intermediate_size, shared_expert_intermediate_size=0, num_experts=num_experts,
+        num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads, max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+        decoder_sparse_step=1, mlp_only_layers=[], torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    return _save_randomized(Qwen2MoeForCausalLM(config), tokenizer, output_dir, std)

@@ -1,16 +1,13 @@
 """Tiny offline inputs for smoke-testing the evaluation suite and the analyses without the hub.
 
 `write_sample_mirror` writes a mirror in the layout of router_upcycling.eval.tasks (same paths,
-the hub datasets' own field layouts) with a few unique, made-up rows per split;
-`make_tiny_qwen2_moe` writes a tiny random stock Qwen2-MoE folder (no shared expert), the
-layout an exported linear-gate model has.
+the hub datasets' own field layouts) with a few unique, made-up rows per split. A tiny model to
+evaluate is router_upcycling.testing.make_tiny_qwen2_moe.
 """
 import json
 import os
 from pathlib import Path
 from typing import Callable, Dict
-
-import torch
 
 from router_upcycling.eval.tasks import SUITE, all_mirror_files
 
@@ -113,41 +110,3 @@ def write_sample_mirror(data_dir: str, rows_per_split: int = 12, include_fewshot
             for i in range(first, first + rows_per_split):
                 handle.write(json.dumps(make_row(i)) + "\n")
     return root
-
-
-def make_tiny_qwen2_moe(output_dir: str, seed: int = 0, num_experts: int = 4, top_k: int = 2, std: float = 0.08,
-                        tokenizer=None, num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 48,
-                        num_heads: int = 4, norm_topk_prob: bool = True, max_position_embeddings: int = 256) -> str:
-    """Write a tiny random stock Qwen2MoeForCausalLM (float32, no shared expert) and its tokenizer.
-
-    The shared expert is disabled (`shared_expert_intermediate_size=0`); its zero-size tensors
-    and a zero gate are saved so that loading reports nothing missing.
-    """
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    from router_upcycling.testing import train_tokenizer
-
-    tokenizer = tokenizer or train_tokenizer()
-    config = Qwen2MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        moe_intermediate_size=intermediate_size, shared_expert_intermediate_size=0, num_experts=num_experts,
-        num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_heads, max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None,
-        decoder_sparse_step=1, mlp_only_layers=[], torch_dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = Qwen2MoeForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "shared_expert_gate" in name:
-                param.zero_()
-            elif "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, std)
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
-

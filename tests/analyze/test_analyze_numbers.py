@@ -10,7 +10,7 @@ import torch
 from router_upcycling.analyze import analyses
 from router_upcycling.analyze.__main__ import main
 from router_upcycling.analyze.inputs import AnalysisError, load_model, read_documents, token_chunks
-from router_upcycling.eval.sample_data import make_tiny_qwen2_moe
+from router_upcycling.testing import make_tiny_qwen2_moe
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
 
 NUM_EXPERTS, TOP_K, SEQ = 4, 2, 16
