@@ -8,15 +8,20 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from router_upcycling.analyze.inputs import AnalysisError, load_model, read_documents, token_chunks
+from router_upcycling.analyze.inputs import AnalysisError, load_model
+from router_upcycling.errors import UserError
+from router_upcycling.text import read_documents, token_chunks
+
+TEXT_INPUT = ("a .jsonl, .jsonl.gz, .txt (one document) or .parquet file, a datasets.save_to_disk folder, "
+              "or a folder of such files")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face MoE folder (stock Qwen2-MoE or a `mor` export)")
     parser.add_argument("--output", required=True, help="folder to create for the JSON and PNG (refuses an existing one without --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output folder")
-    parser.add_argument("--json-key", default="text", help="text field of .jsonl rows (default: text); a .txt file is one document")
-    parser.add_argument("--max-tokens", type=int, default=65536, help="tokens to analyse per text file (default 65536)")
+    parser.add_argument("--json-key", default="text", help="text field of .jsonl rows, or text column of .parquet files and dataset folders (default: text)")
+    parser.add_argument("--max-tokens", type=int, default=65536, help="tokens to analyse per domain or --data (default 65536)")
     parser.add_argument("--seq-length", type=int, default=2048, help="tokens per sequence: documents are EOS-joined and cut into chunks (default 2048)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -33,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Average routing weight of each expert per domain at one layer: top-k weights, zero for "
                                   "experts not chosen, averaged over every token of the domain's texts. Writes routing.json and routing.png.")
     routing.add_argument("--domain", action="append", required=True, metavar="NAME=FILE",
-                         help="a domain and its .jsonl/.txt file; repeat for each domain (e.g. --domain Math=math.jsonl --domain Code=code.jsonl)")
+                         help=f"a domain and its texts: {TEXT_INPUT}; repeat for each domain (e.g. --domain Math=math.jsonl --domain Code=code.jsonl)")
     routing.add_argument("--layer", type=int, help="decoder layer index, negative counts from the end (default: the last MoE layer)")
     commands.add_parser("specialization", help="mean pairwise cosine similarity of expert outputs per layer (paper Fig. 6)",
                         description="Per layer, every expert is applied to every token of the layer's MoE input and the cosine "
@@ -42,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("load", help="share of routed tokens per expert per layer",
                         description="Per layer, the share of routing slots (tokens x top-k) each expert received. Writes load.json and load.png.")
     for name in ("specialization", "load"):
-        commands.choices[name].add_argument("--data", required=True, help=".jsonl or .txt file of texts")
+        commands.choices[name].add_argument("--data", required=True, help=f"the texts: {TEXT_INPUT}")
     for sub in commands.choices.values():
         add_common_arguments(sub)
     return parser
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, device, args.dtype, args.trust_remote_code)
     if args.command == "routing":
         layer = analyses.pick_layer(model, args.layer)
-    chunks = {name: token_chunks(tokenizer, docs, args.seq_length, args.max_tokens) for name, docs in documents.items()}
+    chunks = {name: list(token_chunks(docs, tokenizer, args.max_tokens, args.seq_length)) for name, docs in documents.items()}
     settings = {key: getattr(args, key) for key in ("max_tokens", "seq_length", "batch_size", "dtype")}
     if args.command == "routing":
         result = analyses.routing_weights_by_domain(model, chunks, layer, args.batch_size)
@@ -116,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
     try:
         run(args)
-    except AnalysisError as err:
+    except UserError as err:  # AnalysisError and TextDataError among them
         sys.exit(f"error: {err}")
 
 

@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from router_upcycling.analyze.hooks import moe_layers, watch_gates
-from router_upcycling.analyze.inputs import AnalysisError, batches
+from router_upcycling.analyze.inputs import AnalysisError
 from router_upcycling.analyze.stats import dense_routing_weights, expert_outputs, expert_token_counts, pairwise_cosine_sum
+from router_upcycling.text import equal_length_batches
 
 # Expert outputs are built for this many tokens at a time: [N, block, d] floats stay small.
 TOKEN_BLOCK = 512
@@ -40,17 +41,18 @@ def pick_layer(model: torch.nn.Module, layer: Optional[int]) -> int:
 
 
 @torch.no_grad()
-def _forward_all(model: torch.nn.Module, chunks: List[torch.Tensor], batch_size: int, desc: str) -> None:
-    """Run the decoder (no LM head) over every chunk."""
+def _forward_all(model: torch.nn.Module, chunks: List[List[int]], batch_size: int, desc: str) -> None:
+    """Run the decoder (no LM head) over every chunk of token ids."""
     device = next(model.parameters()).device
     total = sum(len(chunk) for chunk in chunks)
     with tqdm(total=total, desc=desc, unit="tok") as progress:
-        for batch in batches(chunks, batch_size):
-            model.base_model(input_ids=batch.to(device), use_cache=False)
-            progress.update(batch.numel())
+        for batch in equal_length_batches(chunks, batch_size):
+            input_ids = torch.tensor(batch, dtype=torch.long, device=device)  # [B, S]
+            model.base_model(input_ids=input_ids, use_cache=False)
+            progress.update(input_ids.numel())
 
 
-def routing_weights_by_domain(model: torch.nn.Module, domain_chunks: Dict[str, List[torch.Tensor]], layer: int, batch_size: int) -> dict:
+def routing_weights_by_domain(model: torch.nn.Module, domain_chunks: Dict[str, List[List[int]]], layer: int, batch_size: int) -> dict:
     """Average routing weight of each expert per domain at `layer`."""
     num_experts = num_experts_of(model)
     domains = {}
@@ -68,7 +70,7 @@ def routing_weights_by_domain(model: torch.nn.Module, domain_chunks: Dict[str, L
     return {"layer": layer, "num_experts": num_experts, "domains": domains}
 
 
-def expert_similarity_by_layer(model: torch.nn.Module, chunks: List[torch.Tensor], batch_size: int) -> dict:
+def expert_similarity_by_layer(model: torch.nn.Module, chunks: List[List[int]], batch_size: int) -> dict:
     """Mean pairwise cosine similarity of expert outputs, per MoE layer."""
     blocks = moe_layers(model)
     num_experts = num_experts_of(model)
@@ -91,7 +93,7 @@ def expert_similarity_by_layer(model: torch.nn.Module, chunks: List[torch.Tensor
     }
 
 
-def expert_load_by_layer(model: torch.nn.Module, chunks: List[torch.Tensor], batch_size: int) -> dict:
+def expert_load_by_layer(model: torch.nn.Module, chunks: List[List[int]], batch_size: int) -> dict:
     """Share of routing slots per expert, per MoE layer."""
     blocks = moe_layers(model)
     num_experts = num_experts_of(model)

@@ -1,68 +1,16 @@
-"""Inputs of the analyses: text files, token chunks and the Hugging Face model.
+"""Inputs of the analyses: the Hugging Face model, and the error class of the analyses.
 
-Texts are tokenized with the model's tokenizer, an EOS token is appended to each document, the
-documents are concatenated and cut into consecutive chunks of `seq_length` tokens (the last,
-shorter chunk is kept), up to `max_tokens` tokens. No padding: every token of every chunk counts.
+Texts become token chunks through router_upcycling.text (EOS-joined documents cut into chunks, no padding).
 """
-import json
 from pathlib import Path
-from typing import Iterator, List
 
 import torch
 
-
-class AnalysisError(Exception):
-    """A user error (bad model folder, text file, layer or output path): one line, no traceback."""
+from router_upcycling.errors import UserError
 
 
-def read_documents(path: str, json_key: str = "text") -> List[str]:
-    """Documents of a .jsonl file (field json_key of each row) or a .txt file (the whole file is one document)."""
-    file = Path(path)
-    if not file.is_file():
-        raise AnalysisError(f"text file not found: {path}")
-    if file.suffix == ".txt":
-        documents = [file.read_text()]
-    elif file.suffix == ".jsonl":
-        documents = []
-        for number, line in enumerate(file.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AnalysisError(f"{path}:{number} is not JSON: {err.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get(json_key), str):
-                raise AnalysisError(f"{path}:{number} has no text field {json_key!r} (choose it with --json-key)")
-            documents.append(row[json_key])
-    else:
-        raise AnalysisError(f"{path}: expected a .jsonl or .txt file")
-    if not any(document.strip() for document in documents):
-        raise AnalysisError(f"{path} holds no text")
-    return documents
-
-
-def token_chunks(tokenizer, documents: List[str], seq_length: int, max_tokens: int) -> List[torch.Tensor]:
-    """Consecutive chunks (LongTensor [<= seq_length]) of the EOS-separated token stream, max_tokens in all."""
-    if tokenizer.eos_token_id is None:
-        raise AnalysisError("the model's tokenizer has no EOS token")
-    stream: List[int] = []
-    for document in documents:
-        stream += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(stream) >= max_tokens:
-            break
-    stream = torch.tensor(stream[:max_tokens], dtype=torch.long)
-    return list(stream.split(seq_length))
-
-
-def batches(chunks: List[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Stack consecutive chunks of equal length into batches [B, S] (the short last chunk goes alone)."""
-    start = 0
-    while start < len(chunks):
-        end = start + 1
-        while end < len(chunks) and end - start < batch_size and len(chunks[end]) == len(chunks[start]):
-            end += 1
-        yield torch.stack(chunks[start:end])
-        start = end
+class AnalysisError(UserError):
+    """A user error (bad model folder, layer or output path): one line, no traceback."""
 
 
 def load_model(model_dir: str, device: str, dtype: str, trust_remote_code: bool = True):

@@ -47,8 +47,9 @@ def mor_router_weights(model_dir: str, hf_config: dict, moe: MoESettings, calib:
     """Per layer (query_weight [R, d_r, d], keys [K, d_r]) from the frozen dense model (method.md part 2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from router_upcycling.init.calibration import CalibrationDataError, average_attention_keys, read_documents
+    from router_upcycling.init.calibration import average_attention_keys
     from router_upcycling.init.routers import init_routers_from_attention
+    from router_upcycling.text import TextDataError, read_documents
 
     if not calib.files:
         raise ConversionError("--router mor needs calibration text: pass --calib-data FILE (jsonl, txt or a dataset folder)")
@@ -59,7 +60,7 @@ def mor_router_weights(model_dir: str, hf_config: dict, moe: MoESettings, calib:
             model, tokenizer, read_documents(calib.files, calib.json_key), max_tokens=calib.tokens,
             seq_length=calib.seq_length, batch_size=calib.batch_size, progress=progress,
         )
-    except CalibrationDataError as err:
+    except TextDataError as err:
         raise ConversionError(str(err)) from None
     routers = init_routers_from_attention(model, avg_keys, moe.num_routers, moe.num_experts)
     del model

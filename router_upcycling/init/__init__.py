@@ -1,11 +1,5 @@
 """Router initialisation from attention: head grouping, calibration (average keys), key-to-expert rules."""
-from router_upcycling.init.calibration import (
-    CalibrationDataError,
-    average_attention_keys,
-    calibration_chunks,
-    default_batch_size,
-    read_documents,
-)
+from router_upcycling.init.calibration import average_attention_keys, default_batch_size
 from router_upcycling.init.grouping import (
     RouterCountError,
     check_router_count,
@@ -18,16 +12,13 @@ from router_upcycling.init.grouping import (
 from router_upcycling.init.routers import init_routers_from_attention
 
 __all__ = [
-    "CalibrationDataError",
     "RouterCountError",
     "average_attention_keys",
-    "calibration_chunks",
     "check_router_count",
     "default_batch_size",
     "group_heads",
     "head_keys_from_kv",
     "init_routers_from_attention",
-    "read_documents",
     "router_weights_from_attention",
     "split_query_heads",
     "valid_router_counts",

@@ -9,9 +9,10 @@ import torch
 
 from router_upcycling.analyze import analyses
 from router_upcycling.analyze.__main__ import main
-from router_upcycling.analyze.inputs import AnalysisError, load_model, read_documents, token_chunks
+from router_upcycling.analyze.inputs import AnalysisError, load_model
 from router_upcycling.testing import make_tiny_qwen2_moe
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
+from router_upcycling.text import read_documents, token_chunks
 
 NUM_EXPERTS, TOP_K, SEQ = 4, 2, 16
 
@@ -28,7 +29,7 @@ def tiny(tmp_path_factory):
 
 
 def chunks_of(tokenizer, path):
-    return token_chunks(tokenizer, read_documents(str(path)), SEQ, max_tokens=10_000)
+    return list(token_chunks(read_documents(str(path)), tokenizer, max_tokens=10_000, seq_length=SEQ))
 
 
 def moe_inputs(model, chunks):
@@ -39,7 +40,7 @@ def moe_inputs(model, chunks):
         for layer in captured]
     with torch.no_grad():
         for chunk in chunks:  # one sequence at a time: a different batching from the analyses
-            model(input_ids=chunk[None])
+            model(input_ids=torch.tensor([chunk]))
     for handle in handles:
         handle.remove()
     return {layer: torch.cat(parts) for layer, parts in captured.items()}
@@ -135,8 +136,8 @@ def test_analyze_bad_inputs_fail_with_one_line(tiny, tmp_path):
     for expected, args in {
         "no MoE layers": ["load", "--model", str(root / "dense"), "--data", data, "--output", str(tmp_path / "b")],
         "not an MoE layer": ["routing", "--model", str(root / "moe"), "--domain", f"X={data}", "--layer", "7", "--output", str(tmp_path / "c")],
-        "text file not found": ["load", "--model", str(root / "moe"), "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "d")],
-        "no text field 'text'": ["load", "--model", str(root / "moe"), "--data", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "e")],
+        "none.jsonl: no such file": ["load", "--model", str(root / "moe"), "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "d")],
+        "no string field 'text'": ["load", "--model", str(root / "moe"), "--data", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "e")],
         "NAME=FILE": ["routing", "--model", str(root / "moe"), "--domain", data, "--output", str(tmp_path / "f")],
     }.items():
         message = run_in_process(*args)
