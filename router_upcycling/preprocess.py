@@ -27,6 +27,7 @@ import numpy
 from tqdm import tqdm
 
 from router_upcycling.errors import UserError
+from router_upcycling.text import batched
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -174,17 +175,6 @@ def read_documents(path: Path, keys: Sequence[str]) -> Iterator[List[str]]:
     return _read_json_lines(path, keys)
 
 
-def _batched(documents: Iterator[List[str]], size: int) -> Iterator[List[List[str]]]:
-    batch = []
-    for document in documents:
-        batch.append(document)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 # --- tokenizing (runs in workers) ---------------------------------------------------------------
 
 
@@ -236,7 +226,7 @@ def _existing_outputs(prefixes: Sequence[str]) -> List[str]:
 def _encoded_batches(config: PreprocessConfig, files: Sequence[Path], pool) -> Iterator[List[List[List[int]]]]:
     """Encoded batches in input order. Reading stays in this process, a bounded number of batches ahead
     of the writer (Pool.imap would read the whole input into memory), so a read error surfaces here."""
-    batches = (batch for path in files for batch in _batched(read_documents(path, config.json_keys), DOCUMENTS_PER_TASK))
+    batches = (batch for path in files for batch in batched(read_documents(path, config.json_keys), DOCUMENTS_PER_TASK))
     if pool is None:
         yield from map(_Encoder.encode, batches)
         return

@@ -134,7 +134,8 @@ def read_documents(paths: Union[PathLike, Sequence[PathLike]], json_key: str = "
     return (text for path in paths for text in _read_nonempty(path, json_key))
 
 
-def _batched(items: Iterable, size: int) -> Iterator[list]:
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter); itertools.batched before Python 3.12."""
     batch = []
     for item in items:
         batch.append(item)
@@ -147,7 +148,7 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 
 def _document_token_ids(documents: Iterable[str], tokenizer) -> Iterator[List[int]]:
     """Token ids of each document followed by EOS; tokenized in batches (fast tokenizers run them in parallel)."""
-    for texts in _batched(documents, TOKENIZE_BATCH_DOCUMENTS):
+    for texts in batched(documents, TOKENIZE_BATCH_DOCUMENTS):
         for token_ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             yield token_ids + [tokenizer.eos_token_id]
 
