@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from router_upcycling.errors import UserError
+from router_upcycling.hf.loading import experts_kwargs
 
 
 class AnalysisError(UserError):
@@ -22,6 +23,7 @@ def load_model(model_dir: str, device: str, dtype: str, trust_remote_code: bool 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise AnalysisError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                 **experts_kwargs(device))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer

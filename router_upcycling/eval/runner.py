@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from router_upcycling.eval.report import group_scores
+from router_upcycling.hf.loading import experts_kwargs
 from router_upcycling.eval.tasks import OUR_TASKS_DIR, EvalError, SuiteTask, write_offline_overrides
 
 MC_METRICS = ("acc", "acc_norm")
@@ -89,13 +90,15 @@ def run_suite(model_dir: str, tasks: Sequence[SuiteTask], settings: EvalSettings
         raise EvalError(f"--mc-metric must be one of {MC_METRICS}, got {settings.mc_metric!r}")
     with tempfile.TemporaryDirectory(prefix="ru_eval_tasks_") as workdir:
         task_manager = build_task_manager(tasks, settings, Path(workdir))
+        device = settings.device or default_device()
         output = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": model_dir, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype},
+            model_args={"pretrained": model_dir, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype,
+                        **experts_kwargs(device)},
             tasks=[task.lm_eval_task for task in tasks],
             num_fewshot=settings.num_fewshot,
             batch_size=settings.batch_size,
-            device=settings.device or default_device(),
+            device=device,
             limit=settings.limit,
             gen_kwargs={"max_gen_toks": settings.gen_max_tokens},
             task_manager=task_manager,

@@ -9,9 +9,8 @@ import pytest
 from router_upcycling.eval.report import PAPER_SCORES
 from router_upcycling.eval.runner import EvalSettings, run_suite
 from router_upcycling.eval.sample_data import write_sample_mirror
-from router_upcycling.testing import make_tiny_qwen2_moe
 from router_upcycling.eval.tasks import SUITE, resolve_tasks
-from router_upcycling.testing import make_dense_qwen2
+from router_upcycling.testing import make_dense_qwen2, make_tiny_qwen2_moe
 
 ROWS = 10
 LIMIT = 6
