@@ -77,3 +77,15 @@ def test_bf16_checkpoint_holds_the_bf16_dense_model(tmp_path, dense_models, cali
     checkpoint = upcycle(dense_models["gqa_untied"], str(tmp_path / "moe"), moe, CalibrationSettings(), dtype="bf16", progress=False)
     report = verify(dense_models["gqa_untied"], checkpoint)
     assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
+
+
+def test_sharded_safetensors_input(tmp_path, dense_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharded = str(tmp_path / "sharded")
+    AutoModelForCausalLM.from_pretrained(dense_models["gqa_untied"]).save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(dense_models["gqa_untied"]).save_pretrained(sharded)
+    assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    checkpoint = upcycle(sharded, str(tmp_path / "moe"), MoESettings(router="linear", num_experts=4), CalibrationSettings(),
+                         dtype="fp32", progress=False)
+    assert verify(sharded, checkpoint).max_abs_diff <= 1e-4
