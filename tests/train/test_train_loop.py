@@ -185,3 +185,20 @@ def test_bad_config_key_fails_in_the_real_cli_without_traceback(inputs, tmp_path
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: config {config}: unknown key 'learning_rate' (keys are this command's flag names)"
     assert "Traceback" not in result.stderr
+
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_tiny_mor_losses.json")
+
+
+def test_losses_match_the_committed_golden_curve(straight_run):
+    """Silent numeric drift (router math, init, data order, loss) fails here. Regenerate deliberately with
+    UPDATE_GOLDEN=1 after a change meant to alter the numbers, and say why in the commit."""
+    losses = {str(step): loss for step, loss in train_losses(straight_run).items()}
+    if os.environ.get("UPDATE_GOLDEN"):
+        with open(GOLDEN, "w") as f:
+            json.dump(losses, f, indent=1)
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    assert golden.keys() == losses.keys()
+    for step, loss in losses.items():
+        assert abs(loss - golden[step]) <= 2e-3, (step, loss, golden[step])
