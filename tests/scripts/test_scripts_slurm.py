@@ -104,12 +104,13 @@ def test_usr1_reaches_each_rank_once_and_requeues(slurm_cluster, tmp_path):
     while job_state(job_id, env)[0] != "PENDING":  # Slurm holds a requeued job for about two minutes
         assert time.monotonic() < deadline, "the job was not requeued"
         time.sleep(0.2)
-    # start the restart at once, but only after the first run's step has fully ended: on a loaded
-    # machine its ranks can still be exiting, and a restart launched beside them fails
+    # start the restart early, but only after the first run has fully ended: slurmd refuses a relaunch
+    # that comes within moments of the requeue's kill ("Job N already killed, do not launch batch job")
     deadline = time.monotonic() + 60
     while subprocess.run(["pgrep", "-f", "slurm_probe"], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the first run's ranks did not exit"
         time.sleep(0.5)
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
     state, exit_code = wait_for_job(job_id, env, timeout_s=90)
     log = (tmp_path / "job.log").read_text()
