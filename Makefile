@@ -17,5 +17,8 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
+demo: setup
+	$(PY) -m examples.quickstart.run --output runs/quickstart
+
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -4,6 +4,7 @@ Nothing here downloads anything: the tokenizer is a byte-level BPE trained on a 
 the model weights are random (or given).
 """
 import os
+import tempfile
 from typing import Iterable, Optional
 
 import torch
@@ -21,7 +22,7 @@ SAMPLE_TEXT = [
 def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 512):
     """A byte-level BPE tokenizer wrapped as Qwen2TokenizerFast (EOS = pad = <|endoftext|>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
+    from transformers import AutoTokenizer, Qwen2TokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -33,7 +34,12 @@ def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 512
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(texts or SAMPLE_TEXT) * 4, trainer)
-    return Qwen2TokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token=None)
+    wrapped = Qwen2TokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token=None)
+    # transformers 5 gives a Qwen2 tokenizer Qwen2's own pre-tokenizer when it is loaded from disk: return
+    # the tokenizer as every tool will load it, so ids made in memory match ids made from the saved files
+    with tempfile.TemporaryDirectory() as folder:
+        wrapped.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def tiny_qwen2_config(
