@@ -35,14 +35,7 @@ def plot_loss_curves(metrics_files: Dict[str, str], path: str, title: str) -> No
         train, valid = read_metrics(metrics_file)
         ax.plot(list(train), list(train.values()), color=RUN_COLORS.get(name), label=f"{RUN_LABELS.get(name, name)}: train")
         ax.plot(list(valid), list(valid.values()), "o--", color=RUN_COLORS.get(name), label=f"{RUN_LABELS.get(name, name)}: validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("LM loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_loss_plot(fig, ax, path, "LM loss (nats/token)", title)
 
 
 def plot_seed_bands(curves: Dict[str, List[Dict[int, float]]], path: str, title: str) -> None:
@@ -55,8 +48,12 @@ def plot_seed_bands(curves: Dict[str, List[Dict[int, float]]], path: str, title:
         ax.plot(steps, means, color=RUN_COLORS.get(name), label=f"{RUN_LABELS.get(name, name)} ({len(per_seed)} seeds)")
         ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                         color=RUN_COLORS.get(name), alpha=0.2)
+    _save_loss_plot(fig, ax, path, "training LM loss (nats/token)", title)
+
+
+def _save_loss_plot(fig, ax, path: str, ylabel: str, title: str) -> None:
     ax.set_xlabel("step")
-    ax.set_ylabel("training LM loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
