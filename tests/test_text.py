@@ -22,10 +22,11 @@ def encode(tokenizer, text):
 def test_chunks_append_eos_keep_last_partial_chunk(tokenizer):
     documents = ["The quick brown fox.", "12 + 30 = 42", "import torch"]
     stream = [token for text in documents for token in encode(tokenizer, text) + [tokenizer.eos_token_id]]
-    chunks = list(token_chunks(documents, tokenizer, max_tokens=10_000, seq_length=4))
+    seq = next(n for n in (4, 3, 5, 6, 7) if len(stream) % n)  # a length that leaves a partial last chunk
+    chunks = list(token_chunks(documents, tokenizer, max_tokens=10_000, seq_length=seq))
     assert [token for chunk in chunks for token in chunk] == stream
-    assert all(len(chunk) == 4 for chunk in chunks[:-1]) and 0 < len(chunks[-1]) <= 4
-    assert len(stream) % 4 and len(chunks[-1]) == len(stream) % 4
+    assert all(len(chunk) == seq for chunk in chunks[:-1]) and 0 < len(chunks[-1]) < seq
+    assert len(chunks[-1]) == len(stream) % seq
 
 
 def test_chunks_stop_at_max_tokens(tokenizer):
