@@ -6,31 +6,22 @@ naming, which the HF writers turn into a `mor` (remote code) or stock `qwen2_moe
 """
 import os
 
-import torch
-
-from router_upcycling.convert.hf_export import ExportError, write_mor_folder, write_qwen2_moe_folder
+from router_upcycling.convert.hf_export import ExportError, stock_gate_refusal, write_mor_folder, write_qwen2_moe_folder
 from router_upcycling.convert.mapping import map_mcore_to_mor
 from router_upcycling.convert.verify import load_megatron_model
-from router_upcycling.mcore.checkpoint import TOKENIZER_DIR, CheckpointError, read_metadata, read_tracker
-from router_upcycling.mor import fold_reason
+from router_upcycling.mcore.checkpoint import STORAGE_DTYPES, TOKENIZER_DIR, CheckpointError, read_metadata, read_tracker
 from router_upcycling.outputs import refuse_existing
 
 FORMATS = {"mor": write_mor_folder, "qwen2_moe": write_qwen2_moe_folder}
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def check_exportable(moe: dict, fmt: str) -> None:
     """Refuse, before any loading, what the format cannot express."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt != "qwen2_moe":
-        return
-    if moe["router"] == "mlp":
-        raise ExportError("the mlp router cannot be exported as qwen2_moe: a 2-layer MLP gate is not linear; use --format mor")
-    if moe["router"] == "mor":
-        reason = fold_reason(moe["num_keys"], moe["num_experts"], moe["aggregation"])
-        if reason:
-            raise ExportError(f"this mor router cannot be exported as qwen2_moe: {reason}; use --format mor")
+    refusal = stock_gate_refusal(moe) if fmt == "qwen2_moe" else None
+    if refusal:
+        raise ExportError(refusal)
 
 
 def export(checkpoint: str, output: str, fmt: str, iteration=None, dtype: str = "bf16", force: bool = False) -> str:
@@ -57,5 +48,5 @@ def export(checkpoint: str, output: str, fmt: str, iteration=None, dtype: str = 
     card = {**metadata, "training": {**(metadata.get("training") or {}), "iteration": exported_iteration}}
     return FORMATS[fmt](
         tensors, hf_config, moe, tokenizer_dir=os.path.join(checkpoint, TOKENIZER_DIR), output_dir=output,
-        dtype=DTYPES[dtype], card=card, force=force,
+        dtype=STORAGE_DTYPES[dtype], card=card, force=force,
     )

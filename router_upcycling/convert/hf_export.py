@@ -128,24 +128,33 @@ def _few(items: list, limit: int = 3) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def folded_gate(tensors: dict[str, torch.Tensor], layer: int, moe: dict) -> torch.Tensor:
-    """The linear gate [N, d] that routes as layer `layer`'s router does, or ExportError if there is none."""
-    prefix = f"model.layers.{layer}.{ROUTER_PREFIX}"
+def stock_gate_refusal(moe: dict) -> Optional[str]:
+    """Why a stock Qwen2-MoE gate (linear) cannot express this router, or None when it can."""
     router = moe["router"]
     if router in ("linear", "switch"):
-        return tensors[prefix + "weight"]
+        return None
     if router == "mor":
         reason = router_math.fold_reason(moe["num_keys"], moe["num_experts"], moe["aggregation"])
-        if reason is None:
-            return router_math.fold_to_linear_gate(
-                tensors[prefix + "query_weight"].float(),
-                tensors[prefix + "keys"].float(),
-                moe["num_experts"],
-                moe["aggregation"],
-                float(moe.get("router_scale", 1.0)),
-            )
-        raise ExportError(f"a stock Qwen2-MoE gate cannot express this Mixture-of-Routers: {reason}; export the 'mor' format")
-    raise ExportError(f"a stock Qwen2-MoE gate is linear and cannot express the '{router}' router; export the 'mor' format")
+        return reason and f"a stock Qwen2-MoE gate cannot express this Mixture-of-Routers: {reason}; export the 'mor' format"
+    return (f"a stock Qwen2-MoE gate is linear and cannot express the '{router}' router (the {router} router is a "
+            "2-layer GELU network); export the 'mor' format")
+
+
+def folded_gate(tensors: dict[str, torch.Tensor], layer: int, moe: dict) -> torch.Tensor:
+    """The linear gate [N, d] that routes as layer `layer`'s router does, or ExportError if there is none."""
+    refusal = stock_gate_refusal(moe)
+    if refusal:
+        raise ExportError(refusal)
+    prefix = f"model.layers.{layer}.{ROUTER_PREFIX}"
+    if moe["router"] == "mor":
+        return router_math.fold_to_linear_gate(
+            tensors[prefix + "query_weight"].float(),
+            tensors[prefix + "keys"].float(),
+            moe["num_experts"],
+            moe["aggregation"],
+            float(moe.get("router_scale", 1.0)),
+        )
+    return tensors[prefix + "weight"]
 
 
 def qwen2_moe_tensors(tensors: dict[str, torch.Tensor], config: Qwen2MoeConfig, moe: dict) -> dict[str, torch.Tensor]:

@@ -15,12 +15,11 @@ import torch
 
 from router_upcycling.convert.hf_source import ConversionError, load_dense_tensors, read_hf_config
 from router_upcycling.convert.mapping import EXPERT_RULES, dense_tensor_names, expand, map_dense_to_mcore
+from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
 from router_upcycling.mcore.model import MoESettings, head_dim
 from router_upcycling.outputs import refuse_existing, staged_output
 
 log = logging.getLogger("router_upcycling.upcycle")
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclasses.dataclass
@@ -134,7 +133,7 @@ def upcycle(
         )
         del hf_tensors
         initialize_distributed(seed=seed)
-        config = transformer_config(hf_config, moe, params_dtype=DTYPES[dtype], perform_initialization=False)
+        config = transformer_config(hf_config, moe, params_dtype=STORAGE_DTYPES[dtype], perform_initialization=False)
         model = build_gpt_model(hf_config, moe, config)
         routers = {}
         for layer, block in enumerate(model.decoder.layers):
@@ -145,7 +144,7 @@ def upcycle(
             else:
                 weights = random_router_weights(block.mlp.router, seed, layer)
                 routers.update({prefix + name: t for name, t in weights.items()})
-        assign_weights(model, shared, ffn, routers, DTYPES[dtype])
+        assign_weights(model, shared, ffn, routers, STORAGE_DTYPES[dtype])
         del shared, ffn
         log.info("writing %s experts x %s layers to %s", moe.num_experts, num_layers, output)
         save_sharded(model_state(model), os.path.join(staging, iteration_dir_name(RELEASE)))

@@ -59,11 +59,13 @@ def verify(hf_model: str, checkpoint: str, num_sequences: int = 4, seq_length: i
     """Logits of the checkpoint's MoE against its dense source on random token sequences."""
     from transformers import AutoModelForCausalLM
 
+    from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
+
     hf_config = read_hf_config(hf_model)
     model, metadata = load_megatron_model(checkpoint)
     # Round the dense weights as the checkpoint stored them, then compute both in float32: any
     # difference left is the conversion's, not the storage dtype's.
-    stored_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[metadata.get("dtype", "fp32")]
+    stored_dtype = STORAGE_DTYPES[metadata.get("dtype", "fp32")]
     dense = AutoModelForCausalLM.from_pretrained(hf_model, dtype=stored_dtype).float().eval()
     tokens = sample_token_sequences(hf_config["vocab_size"], num_sequences, seq_length)
     with torch.no_grad():

@@ -20,6 +20,8 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 TOKENIZER_DIR = "tokenizer"
 RELEASE = "release"
 FORMAT_VERSION = 1
+# the metadata's "dtype" (and the converter's --dtype) names the stored weights' precision
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class CheckpointError(UserError):
