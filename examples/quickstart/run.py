@@ -13,7 +13,7 @@
 
     python -m examples.quickstart.run --output runs/quickstart             # the demo (`make demo`)
     python -m examples.quickstart.run --output runs/quickstart --seeds 1 2 3   # + continued training with 3 seeds
-    python -m examples.quickstart.run --output /tmp/smoke --smoke          # tiny sizes, about a minute
+    python -m examples.quickstart.run --output runs/smoke --smoke          # tiny sizes, about a minute
 
 Every stage skips when its output exists, so an interrupted run resumes where it stopped (training
 resumes from its last checkpoint); --fresh starts over. Outputs are written beside their destination
