@@ -9,7 +9,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: a looser requirement elsewhere would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,logging]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,7 +1,9 @@
 from setuptools import find_packages, setup
 
-# torch is pinned to the CPU build installed first by `make setup`; a looser range would let pip
-# pull a multi-GB CUDA build. megatron-core 0.17+ needs Python >= 3.12.
+# torch: any release megatron-core 0.16 works with (>= 2.6), so that `pip install -e .` keeps the CUDA
+# build a cluster image already has (NGC PyTorch's 2.x.0a0+... builds included: pip accepts an installed
+# pre-release that satisfies the range). `make setup` installs the CPU build torch==2.13.0 first, so the
+# range never makes pip fetch a multi-GB CUDA wheel there. megatron-core 0.17+ needs Python >= 3.12.
 setup(
     name="router_upcycling",
     version="0.1.0",
@@ -11,7 +13,7 @@ setup(
     packages=find_packages(include=["router_upcycling", "router_upcycling.*"]),
     package_data={"router_upcycling": ["eval/tasks/*.yaml"]},
     install_requires=[
-        "torch==2.13.0",
+        "torch>=2.6,<3",
         "megatron-core>=0.16.1,<0.17",
         "transformers>=5.23,<6",
         "tokenizers>=0.23,<0.24",
@@ -26,5 +28,7 @@ setup(
         "eval": ["lm-eval[hf]==0.4.13", "matplotlib>=3.8"],
         "test": ["pytest>=8", "lm-eval[hf]==0.4.13", "matplotlib>=3.8", "pyarrow>=15"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # --tensorboard-dir and --wandb-project (W&B runs offline without WANDB_API_KEY)
+        "logging": ["tensorboard>=2.16", "wandb>=0.19"],
     },
 )

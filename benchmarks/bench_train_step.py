@@ -1,5 +1,6 @@
-"""Full training-step time (forward, backward, gradient all-reduce, AdamW) with the Mixture-of-Routers router
-vs megatron-core's linear router, on CPU, through the trainer's own step (router_upcycling.train.step).
+"""Full training-step time (forward, backward, megatron-core DDP gradient reduction, Adam) with the
+Mixture-of-Routers router vs megatron-core's linear router, on CPU, through the trainer's own step
+(router_upcycling.train.step: megatron-core's schedule, DDP and optimizer, the path GPUs run).
 
     .venv/bin/python benchmarks/bench_train_step.py [--steps 20 --warmup 3 --hidden 256 --layers 4 --experts 8 --seq 256 --micro 4]
 
@@ -15,7 +16,7 @@ import time
 import torch
 
 from router_upcycling.mcore.model import MoESettings
-from router_upcycling.mcore.parallel import initialize_distributed
+from router_upcycling.mcore.parallel import current_device, initialize_distributed
 from router_upcycling.train.arguments import build_parser
 from router_upcycling.train.build import ModelSource, build_model, wrap_for_training
 from router_upcycling.train.step import make_forward_step, train_step
@@ -53,11 +54,11 @@ def main() -> None:
 
     initialize_distributed(seed=0)
     train_args = build_parser().parse_args([
-        "--device", "cpu", "--train-iters", "1", "--seq-length", str(bench.seq), "--micro-batch-size", str(bench.micro),
+        "--train-iters", "1", "--seq-length", str(bench.seq), "--micro-batch-size", str(bench.micro),
         "--global-batch-size", str(bench.micro), "--lr", "1e-4",
     ])
     config = hf_config(bench.hidden, bench.layers, bench.heads, bench.vocab)
-    forward_step_func = make_forward_step(bench.seq, torch.device("cpu"))
+    forward_step_func = make_forward_step(bench.seq, current_device())
     runs = {}
     for router in ROUTERS:
         moe = MoESettings(num_experts=bench.experts, topk=2, router=router)
@@ -72,7 +73,7 @@ def main() -> None:
             model, optimizer = runs[router]
             start = time.perf_counter()
             train_step(model, optimizer, batches(bench.micro, bench.seq, bench.vocab), forward_step_func, 1, train_args,
-                       torch.device("cpu"))
+                       current_device())
             if step >= bench.warmup:
                 times[router].append(time.perf_counter() - start)
 

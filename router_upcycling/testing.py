@@ -126,3 +126,18 @@ def make_tiny_qwen2_moe(output_dir: str, seed: int = 0, num_experts: int = 4, to
     )
     torch.manual_seed(seed)
     return _save_randomized(Qwen2MoeForCausalLM(config), tokenizer, output_dir, std)
+
+
+def write_token_documents(prefix: str, num_docs: int = 200, seed: int = 0) -> None:
+    """A megatron-core indexed dataset (PREFIX.bin/.idx) of short arithmetic token sequences (learnable),
+    each ended by EOD (id 0), for training runs without a tokenizer pass."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(num_docs):
+        length, start, stride = int(rng.integers(10, 80)), int(rng.integers(1, 200)), int(rng.integers(1, 5))
+        builder.add_item(torch.tensor([(start + i * stride) % 200 + 1 for i in range(length)] + [0]))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")

@@ -244,7 +244,7 @@ class Pipeline:
                  "--split", "98,2,0", "--seq-length", str(s.dense.seq_length), "--micro-batch-size", str(s.micro_batch_size),
                  "--global-batch-size", str(s.global_batch_size), "--train-iters", str(s.train_iters), "--lr", str(s.lr),
                  "--lr-warmup-iters", str(s.lr_warmup_iters), "--seed", str(seed), "--log-interval", str(s.log_interval),
-                 "--eval-interval", str(s.eval_interval), "--eval-iters", str(s.eval_iters), "--device", "cpu"]
+                 "--eval-interval", str(s.eval_interval), "--eval-iters", str(s.eval_iters)]
         torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(s.nproc)] if s.nproc > 1 else []
         command = ["-m", "router_upcycling.train", *flags]
 

@@ -8,7 +8,7 @@ Read left to right for upcycling (HF dense -> megatron MoE, every expert taking 
 the export direction applies the inverse transforms.
 """
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 

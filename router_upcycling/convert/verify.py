@@ -1,6 +1,5 @@
 """Check that an upcycled MoE checkpoint computes what its dense source computes (method.md part 1)."""
 import dataclasses
-import os
 
 import torch
 

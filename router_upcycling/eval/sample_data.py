@@ -5,7 +5,6 @@ the hub datasets' own field layouts) with a few unique, made-up rows per split. 
 evaluate is router_upcycling.testing.make_tiny_qwen2_moe.
 """
 import json
-import os
 from pathlib import Path
 from typing import Callable, Dict
 

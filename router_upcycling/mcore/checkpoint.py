@@ -11,7 +11,6 @@ import shutil
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from router_upcycling.errors import UserError
 
@@ -112,20 +111,22 @@ def share_view_copies(sharded_state_dict: dict) -> None:
         item.data = copies[key]
 
 
-def save_sharded(sharded_state_dict: dict, iteration_dir: str) -> None:
-    """Write a torch_dist checkpoint (synchronous, one writer thread: safe on CPU)."""
+def save_sharded(sharded_state_dict: dict, iteration_dir: str, content_metadata: Optional[dict] = None) -> None:
+    """Write a torch_dist checkpoint (synchronous, one writer thread: safe on CPU); `content_metadata`
+    (JSON-able) records how the state was sharded, for the loader (Megatron-LM's convention)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     os.makedirs(iteration_dir, exist_ok=True)
     share_view_copies(sharded_state_dict)
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-    dist_checkpointing.save(sharded_state_dict, iteration_dir, sharded_strategy=strategy)
+    dist_checkpointing.save(sharded_state_dict, iteration_dir, sharded_strategy=strategy, content_metadata=content_metadata)
 
 
-def model_state(model) -> dict:
-    """The model part of a checkpoint, nested under "model" as Megatron-LM does (on-disk keys are unchanged)."""
-    return {"model": model.sharded_state_dict()}
+def model_state(model, metadata: Optional[dict] = None) -> dict:
+    """The model part of a checkpoint, nested under "model" as Megatron-LM does (on-disk keys are unchanged).
+    `metadata`: megatron-core's sharded-state-dict metadata (train.checkpointing builds it as Megatron-LM does)."""
+    return {"model": model.sharded_state_dict(metadata=metadata)}
 
 
 def load_model_weights(model, iteration_dir: str) -> None:

@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from router_upcycling.mcore.routers import ROUTER_TYPES, MixtureOfRoutersRouter, MLPRouter, SwitchRouter
@@ -82,24 +83,49 @@ def router_builder(moe: MoESettings):
     return {"mlp": MLPRouter, "switch": SwitchRouter}[moe.router]
 
 
-def moe_layer_spec(moe: MoESettings, use_transformer_engine: bool = False) -> ModuleSpec:
-    """A GPT layer spec whose MoE uses our router; Transformer Engine modules when asked (GPU)."""
+class RMSNorm(torch.nn.Module):
+    """Qwen2's RMSNorm (float32 statistics, as transformers computes it) for the local layer spec.
+
+    megatron-core's torch norm refuses sequence parallelism, which MoE with tensor parallelism needs.
+    Like megatron's own norms, the weight is replicated over the tensor-parallel group; with sequence
+    parallelism each rank sees a slice of the tokens, so the weight is marked `sequence_parallel` and
+    megatron's finalize_model_grads all-reduces its gradient over that group.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden_fp32 = hidden.float()
+        normed = hidden_fp32 * torch.rsqrt(hidden_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(hidden.dtype)
+
+
+def moe_layer_spec(moe: MoESettings, use_transformer_engine: bool = False, moe_grouped_gemm: bool = False) -> ModuleSpec:
+    """A GPT layer spec whose MoE uses our router: Transformer Engine modules, or local ones with our RMSNorm."""
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=moe.num_experts, moe_grouped_gemm=False)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm)
     else:
-        spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm, normalization="RMSNorm")
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
     spec.submodules.mlp.submodules.router = router_builder(moe)
     return spec
 
 
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+def decoder_block_spec(config: TransformerConfig, moe: MoESettings, use_transformer_engine: bool = False) -> TransformerBlockSubmodules:
+    """The layers this pipeline stage builds, and the final norm (the same norm as inside the layers)."""
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = RMSNorm
+    layer = moe_layer_spec(moe, use_transformer_engine, config.moe_grouped_gemm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm)
 
 
 def transformer_config(
@@ -113,11 +139,11 @@ def transformer_config(
     sequence_parallel: bool = False,
     moe_aux_loss_coeff: float = 0.0,
     moe_z_loss_coeff: Optional[float] = None,
+    moe_token_dispatcher_type: str = "allgather",
     init_method_std: float = 0.02,
     **overrides,
 ) -> TransformerConfig:
     """TransformerConfig of the Qwen2 architecture with the MoE settings (no dropout, as the paper)."""
-    on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
         num_layers=hf_config["num_hidden_layers"],
         hidden_size=hf_config["hidden_size"],
@@ -147,9 +173,10 @@ def transformer_config(
         # requires pre-softmax for top-1, where our routers restore a unit scale (UnitScaleTop1Mixin)
         moe_router_pre_softmax=moe.topk == 1,
         moe_router_load_balancing_type="aux_loss",
+        moe_router_dtype="fp32",  # router logits and probabilities in float32 whatever the model dtype
         moe_aux_loss_coeff=moe_aux_loss_coeff,
         moe_z_loss_coeff=moe_z_loss_coeff,
-        moe_token_dispatcher_type="allgather" if on_cpu or expert_model_parallel_size == 1 else "alltoall",
+        moe_token_dispatcher_type=moe_token_dispatcher_type,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
@@ -174,7 +201,7 @@ def build_gpt_model(
     """GPTModel with the Qwen2 architecture (RoPE, RMSNorm, SwiGLU, q/k/v bias) and our MoE router."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=moe_layer_spec(moe, use_transformer_engine),
+        transformer_layer_spec=decoder_block_spec(config, moe, use_transformer_engine),
         vocab_size=hf_config["vocab_size"],
         max_sequence_length=hf_config.get("max_position_embeddings", 4096),
         pre_process=pre_process,

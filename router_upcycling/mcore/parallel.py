@@ -1,15 +1,76 @@
-"""Process groups for megatron-core: torchrun/srun environment or a lone process; gloo on CPU."""
+"""Process groups and the device for megatron-core: torchrun/srun environment or a lone process.
+
+The one place that knows which device a run is on: CUDA (NCCL) when present, else the CPU (gloo,
+with router_upcycling.mcore.cpu's patches). Everything else asks here.
+"""
 import os
 import socket
+from typing import Dict, List
 
+import psutil
 import torch
 import torch.distributed as dist
+
+from router_upcycling.errors import UserError
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def unsupported_here(settings: Dict) -> List[str]:
+    """Why each of these settings (flag destination -> value) cannot run on this machine; empty when all can."""
+    if torch.cuda.is_available():
+        return []
+    from router_upcycling.mcore.cpu import unsupported_on_cpu
+
+    return unsupported_on_cpu(settings)
+
+
+def current_device() -> torch.device:
+    """This rank's device: its GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+H100_BF16_PEAK_FLOPS = 989e12
+
+
+def default_peak_flops():
+    """Peak FLOP/s per device for MFU when --peak-flops is not given: H100 dense bf16 on CUDA, none on CPU."""
+    return H100_BF16_PEAK_FLOPS if torch.cuda.is_available() else None
+
+
+def memory_figures() -> Dict[str, float]:
+    """Resident host memory of this process and, on CUDA, the peak of allocated device memory (MiB)."""
+    figures = {"host_memory_mb": psutil.Process().memory_info().rss / 2**20}
+    if torch.cuda.is_available():
+        figures["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return figures
+
+
+def check_layout(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                 expert_model_parallel_size: int) -> None:
+    """The parallel sizes must tile the world (megatron-core's rules, as one-line errors)."""
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise UserError(f"{world_size} ranks cannot hold tensor x pipeline parallel size {tensor_model_parallel_size} x "
+                        f"{pipeline_model_parallel_size}: the world size must be a multiple of {model_parallel}")
+    data_parallel = world_size // model_parallel
+    if (data_parallel * tensor_model_parallel_size) % expert_model_parallel_size:
+        raise UserError(f"--expert-model-parallel-size {expert_model_parallel_size} must divide data-parallel x "
+                        f"tensor-parallel size ({data_parallel} x {tensor_model_parallel_size})")
 
 
 def initialize_distributed(
@@ -27,6 +88,8 @@ def initialize_distributed(
 
     from router_upcycling.mcore.cpu import enable_cpu_mode
 
+    check_layout(int(os.environ.get("WORLD_SIZE", 1)), tensor_model_parallel_size, pipeline_model_parallel_size,
+                 expert_model_parallel_size)
     enable_cpu_mode()
     if not dist.is_initialized():
         if torch.cuda.is_available():

@@ -4,7 +4,7 @@ Each is a `TopKRouter` subclass that replaces only what differs: parameter creat
 `gating()` (the logits). Top-k selection, softmax over the chosen logits, the load-balancing
 aux loss, z-loss and expert bias stay megatron-core's own `routing()`.
 
-| router  | logits                                   | parameters (float32)           |
+| router  | logits (computed in float32)             | parameters (model dtype)       |
 |---------|------------------------------------------|--------------------------------|
 | mor     | Mixture-of-Routers (router_upcycling.mor) | query_weight [R, d_r, d], keys [K, d_r] |
 | linear  | megatron-core's TopKRouter, unchanged     | weight [N, d]                  |
@@ -12,7 +12,13 @@ aux loss, z-loss and expert bias stay megatron-core's own `routing()`.
 | switch  | linear, top-1 (see SwitchRouter)          | weight [N, d]                  |
 
 Top-1 routing (switch, or any router with topk = 1) keeps a unit expert scale; see UnitScaleTop1Mixin.
+
+Parameters take the model's dtype, as megatron-core's own router weight does: a bf16 model keeps bf16
+router weights with float32 main copies in the optimizer (megatron-core's distributed-optimizer
+checkpoints hold one parameter dtype per model). Logits are always computed in float32
+(`moe_router_dtype="fp32"`); upcycled checkpoints store routers in float32 whatever --dtype.
 """
+import inspect
 from typing import Optional
 
 import torch
@@ -21,6 +27,15 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from router_upcycling.mor import mor_expert_logits, num_router_keys
+
+
+def _accepted_by_topk_router(kwargs: dict) -> dict:
+    """The keywords megatron-core's TopKRouter takes. Newer MoELayers pass routers more (0.17+:
+    `is_mtp_layer`), which our routers forward; ones this TopKRouter does not know are dropped."""
+    parameters = inspect.signature(TopKRouter.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    return {key: value for key, value in kwargs.items() if key in parameters}
 
 
 def _mark_router_parameter(param: torch.nn.Parameter, config: TransformerConfig) -> torch.nn.Parameter:
@@ -62,6 +77,7 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
         num_routers: int,
         aggregation: str = "sum",
         router_scale: float = 1.0,
+        **kwargs,
     ) -> None:
         # Read by reset_parameters(), which the base constructor calls.
         self.num_routers = num_routers
@@ -72,7 +88,7 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
             raise ValueError(f"{num_routers} routers do not divide the query width {query_width}")
         self.router_dim = query_width // num_routers
         self.num_keys = num_router_keys(num_routers, config.num_moe_experts)
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **_accepted_by_topk_router(kwargs))
 
     def reset_parameters(self) -> None:
         """Replace megatron's [N, d] gate weight with the routers' queries and the expert keys."""
@@ -80,9 +96,9 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
         self.bias = None
         config = self.config
         self.query_weight = torch.nn.Parameter(
-            torch.empty(self.num_routers, self.router_dim, config.hidden_size, dtype=torch.float32)
+            torch.empty(self.num_routers, self.router_dim, config.hidden_size, dtype=config.params_dtype)
         )
-        self.keys = torch.nn.Parameter(torch.empty(self.num_keys, self.router_dim, dtype=torch.float32))
+        self.keys = torch.nn.Parameter(torch.empty(self.num_keys, self.router_dim, dtype=config.params_dtype))
         if config.perform_initialization:
             config.init_method(self.query_weight)
             config.init_method(self.keys)
@@ -93,8 +109,8 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
         """Expert logits [..., N] (float32) for router input [..., d]."""
         logits = mor_expert_logits(
             input.reshape(-1, input.shape[-1]).float(),
-            self.query_weight,
-            self.keys,
+            self.query_weight.float(),
+            self.keys.float(),
             self.config.num_moe_experts,
             self.aggregation,
             self.router_scale,
@@ -105,29 +121,33 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
 class MLPRouter(UnitScaleTop1Mixin, TopKRouter):
     """Two-layer MLP router (d -> d -> N, GELU, no biases), the paper's "upcycling w/ MLP router"."""
 
+    def __init__(self, config: TransformerConfig, pg_collection=None, **kwargs) -> None:
+        super().__init__(config=config, pg_collection=pg_collection, **_accepted_by_topk_router(kwargs))
+
     def reset_parameters(self) -> None:
         self.weight = None
         self.bias = None
         config = self.config
-        self.fc1 = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False, dtype=torch.float32)
-        self.fc2 = torch.nn.Linear(config.hidden_size, config.num_moe_experts, bias=False, dtype=torch.float32)
+        self.fc1 = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False, dtype=config.params_dtype)
+        self.fc2 = torch.nn.Linear(config.hidden_size, config.num_moe_experts, bias=False, dtype=config.params_dtype)
         for layer in (self.fc1, self.fc2):
             if config.perform_initialization:
                 config.init_method(layer.weight)
             _mark_router_parameter(layer.weight, config)
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(input.float())))
+        hidden = F.gelu(F.linear(input.float(), self.fc1.weight.float()))
+        return F.linear(hidden, self.fc2.weight.float())
 
 
 class SwitchRouter(UnitScaleTop1Mixin, TopKRouter):
     """Switch Transformer routing: a linear gate, top-1 expert, Switch load-balancing loss
     (megatron-core's `aux_loss`); the expert scale is UnitScaleTop1Mixin's."""
 
-    def __init__(self, config: TransformerConfig, pg_collection=None) -> None:
+    def __init__(self, config: TransformerConfig, pg_collection=None, **kwargs) -> None:
         if config.moe_router_topk != 1:
             raise ValueError(f"the switch router routes each token to 1 expert, not {config.moe_router_topk}")
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **_accepted_by_topk_router(kwargs))
 
 
 ROUTER_TYPES = ("mor", "linear", "mlp", "switch")

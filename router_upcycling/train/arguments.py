@@ -7,13 +7,9 @@ import argparse
 import os
 from typing import List, Optional
 
-import torch
-
 from router_upcycling.errors import UserError
+from router_upcycling.mcore.parallel import transformer_engine_available, unsupported_here
 from router_upcycling.mcore.routers import ROUTER_TYPES
-
-H100_BF16_PEAK_FLOPS = 989e12
-
 
 class TrainError(UserError):
     """Bad training flags, config, data or checkpoint."""
@@ -33,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained-checkpoint", help="upcycled checkpoint folder (from `upcycle`): weights and architecture, "
                    "used only when --load holds no checkpoint yet")
     g.add_argument("--load", help="resume from the newest complete checkpoint in this folder when there is one")
+    g.add_argument("--no-load-optim", action="store_true", help="when resuming, take the model, schedule and data "
+                   "position but start the optimizer afresh (Megatron-LM's flag)")
     g.add_argument("--save", help="write checkpoints (iter_XXXXXXX), metrics.jsonl and the tokenizer here")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action=argparse.BooleanOptionalAction, default=False, help="save the distributed optimizer "
+                   "state in megatron-core's fully_reshardable format (gathered per data-parallel group while saving), "
+                   "which resumes on any tensor/pipeline/expert layout; the default dp_reshardable format saves "
+                   "without communication but resumes only with the same tensor/pipeline/expert sizes")
     g.add_argument("--from-scratch", action="store_true", help="random weights (normal, std 0.02) for the paper's "
                    "'MoE from scratch' baseline; needs --model-config")
     g.add_argument("--model-config", help="Hugging Face model folder giving the dense architecture and tokenizer (--from-scratch)")
@@ -55,15 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "gradient accumulation = global / (micro x data-parallel size) (default 1024)")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens (Megatron-LM's flag; default off)")
 
-    g = parser.add_argument_group("parallelism and precision")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor parallel size (GPU only; default 1)")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline parallel size (GPU only; default 1)")
-    g.add_argument("--expert-model-parallel-size", type=int, default=1, help="expert parallel size (GPU only; default 1)")
-    g.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism with tensor parallelism (GPU only)")
+    g = parser.add_argument_group("parallelism, precision and speed (Megatron-LM's flags; the same code runs on CPU and GPU)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor parallel size (default 1); "
+                   "with MoE it needs --sequence-parallel")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline parallel size, 1F1B schedule "
+                   "(default 1); must divide the number of layers")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1, help="expert parallel size (default 1); "
+                   "must divide the number of experts")
+    g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False, help="split activations outside attention over the "
+                   "tensor-parallel group (ignored when the tensor-parallel size is 1, as Megatron-LM)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                   help="bfloat16 weights with float32 main weights in the optimizer (GPU only; --no-bf16 overrides a config)")
-    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (default when available) or cpu (gloo; data parallel only, float32)")
+                   help="bfloat16 weights and activations, float32 main weights in the optimizer and float32 gradient "
+                   "reduction (default off: float32; --no-bf16 overrides a config)")
+    g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=False, help="shard the optimizer state and float32 "
+                   "main weights over the data-parallel ranks (ZeRO-1)")
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False, help="reduce gradient buckets while the backward "
+                   "pass still runs")
+    g.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=False, help="all-gather updated parameters during the "
+                   "next forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce)")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default=None,
+                   help="layer implementation: transformer_engine (default where it imports and CUDA is present) or "
+                   "local (megatron-core's torch modules; the only choice on CPU)")
+    g.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction, default=False, help="run the local experts as one grouped GEMM (CUDA)")
+    g.add_argument("--moe-token-dispatcher-type", choices=("allgather", "alltoall"), default="allgather",
+                   help="how tokens reach their experts (default allgather; alltoall is faster with expert parallelism)")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), help="recompute activations in the "
+                   "backward pass: full transformer layers, or selective (core attention only)")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), help="with full recompute: uniform = checkpoint "
+                   "groups of --recompute-num-layers layers, block = recompute the first --recompute-num-layers layers "
+                   "of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, help="layers per group (uniform) or per stage (block) for full recompute")
 
     g = parser.add_argument_group("optimization")
     g.add_argument("--train-iters", type=int, help="optimizer steps to train for (required)")
@@ -98,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-project", help="log to Weights & Biases (offline mode when WANDB_API_KEY is unset)")
     g.add_argument("--wandb-exp-name", help="W&B run name (default: the --save folder's name)")
     g.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for the MFU estimate (default: H100 bf16 989e12 "
-                   "on cuda; no MFU on cpu unless given)")
+                   "on CUDA; no MFU on CPU unless given)")
     return parser
 
 
@@ -150,14 +173,24 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError("--from-scratch needs --model-config HF_DIR (architecture and tokenizer)")
     if not (args.from_scratch or args.pretrained_checkpoint or args.load):
         raise TrainError("give --pretrained-checkpoint DIR, --from-scratch --model-config HF_DIR, or --load DIR to resume")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda but no CUDA device is available; pass --device cpu")
-    if args.device == "cpu":
-        parallel = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
-        if parallel != (1, 1, 1) or args.sequence_parallel:
-            raise TrainError("--device cpu trains data parallel only: tensor, pipeline and expert parallel sizes must be 1")
-        if args.bf16:
-            raise TrainError("--device cpu trains in float32; drop --bf16")
+    if args.tensor_model_parallel_size == 1:
+        args.sequence_parallel = False  # as Megatron-LM: nothing to split over
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        raise TrainError("MoE with tensor parallelism needs --sequence-parallel (megatron-core requires it)")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise TrainError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    if args.recompute_granularity == "full" and not (args.recompute_method and args.recompute_num_layers):
+        raise TrainError("--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N")
+    if args.recompute_granularity != "full" and (args.recompute_method or args.recompute_num_layers):
+        raise TrainError("--recompute-method and --recompute-num-layers apply only to --recompute-granularity full")
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if transformer_engine_available() else "local"
+    refusals = unsupported_here(vars(args))
+    if refusals:
+        raise TrainError(refusals[0])
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1")

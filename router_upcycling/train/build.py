@@ -1,9 +1,9 @@
-"""The model, its architecture's source and the optimizer, for GPU (megatron-core DDP + distributed
-optimizer) and CPU (gloo, data parallel: torch AdamW over gradients averaged by an explicit all-reduce).
+"""The model, its architecture's source, and megatron-core's DDP wrapper and optimizer around it.
 
-Why the CPU path differs: megatron-core's DDP keeps gradients in `main_grad` buffers and its
-optimizer wrapper builds CUDA tensors, so on CPU the model stays unwrapped, autograd fills
-`.grad`, and DataParallelAdamW averages it over the data-parallel group before stepping.
+One path for every device: megatron-core `DistributedDataParallel` (gradients reduced in float32),
+`get_megatron_optimizer` (Adam with float32 main weights; sharded over data-parallel ranks with
+--use-distributed-optimizer) and `finalize_model_grads`. What the CPU needs for them is in
+router_upcycling.mcore.cpu.
 """
 import argparse
 import dataclasses
@@ -12,12 +12,12 @@ import os
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from router_upcycling.mcore.checkpoint import (
     RELEASE, TOKENIZER_DIR, CheckpointError, read_metadata, read_tracker, resolve_iteration_dir,
 )
-from router_upcycling.mcore.model import MoESettings, build_gpt_model, head_dim, transformer_config, transformer_engine_available
+from router_upcycling.mcore.model import MoESettings, build_gpt_model, head_dim, transformer_config
+from router_upcycling.mcore.parallel import current_device
 from router_upcycling.train.arguments import TrainError
 
 
@@ -77,11 +77,36 @@ def resolve_model_source(args: argparse.Namespace) -> ModelSource:
     raise CheckpointError(f"--load {args.load} holds no checkpoint; add --pretrained-checkpoint or --from-scratch to start a run")
 
 
+def check_layout_fits_model(args: argparse.Namespace, hf_config: dict, moe: MoESettings) -> None:
+    """The parallel sizes must split the model evenly (megatron-core asserts; these are one-line errors)."""
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    layers = hf_config["num_hidden_layers"]
+    if layers % pp:
+        raise TrainError(f"--pipeline-model-parallel-size {pp} must divide the number of layers ({layers})")
+    if moe.num_experts % ep:
+        raise TrainError(f"--expert-model-parallel-size {ep} must divide the number of experts ({moe.num_experts})")
+    kv_heads = hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
+    sizes = {"attention heads": hf_config["num_attention_heads"], "key/value heads": kv_heads,
+             "FFN width": hf_config["intermediate_size"], "vocabulary": hf_config["vocab_size"]}
+    for what, size in sizes.items():
+        if size % tp:
+            raise TrainError(f"--tensor-model-parallel-size {tp} must divide the number of {what} ({size})")
+
+
+def recompute_settings(args: argparse.Namespace) -> dict:
+    """TransformerConfig fields of the recompute flags (Megatron-LM's meaning)."""
+    if not args.recompute_granularity:
+        return {}
+    return {"recompute_granularity": args.recompute_granularity, "recompute_method": args.recompute_method,
+            "recompute_num_layers": args.recompute_num_layers}
+
+
 def build_model(args: argparse.Namespace, source: ModelSource) -> torch.nn.Module:
-    """GPTModel on the run's device; random init (std --init-method-std) unless weights are loaded afterwards."""
+    """This pipeline stage's GPTModel on the run's device; random init (std --init-method-std) unless weights are loaded afterwards."""
     from megatron.core import parallel_state
     from megatron.core.utils import init_method_normal
 
+    check_layout_fits_model(args, source.hf_config, source.moe)
     config = transformer_config(
         source.hf_config, source.moe,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
@@ -91,124 +116,65 @@ def build_model(args: argparse.Namespace, source: ModelSource) -> torch.nn.Modul
         sequence_parallel=args.sequence_parallel,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_grouped_gemm=args.moe_grouped_gemm,
         init_method_std=args.init_method_std,
         # the paper's from-scratch baseline: every weight normal(0, std), without Megatron's depth-scaled output init
         output_layer_init_method=init_method_normal(args.init_method_std),
+        **recompute_settings(args),
     )
     model = build_gpt_model(
         source.hf_config, source.moe, config,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        use_transformer_engine=args.device == "cuda" and transformer_engine_available(),
+        use_transformer_engine=args.transformer_impl == "transformer_engine",
     )
-    return model.to(torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else "cpu")
+    return model.to(current_device())
 
 
-def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Megatron-LM's convention: biases and 1-D parameters (norm scales) are not decayed."""
-    return name.endswith(".bias") or param.ndim == 1
+def keep_experts_apart(model: torch.nn.Module) -> None:
+    """Expert weights get their own gradient buffers and optimizer at every expert-parallel size.
 
-
-class DataParallelAdamW:
-    """CPU optimizer step: average gradients over the data-parallel group, clip the global norm, AdamW.
-
-    With data parallelism only every rank holds the whole model, so the averaged gradient and the
-    norm are the same on every rank and the replicas stay identical. Its state is a plain torch
-    optimizer state dict, saved per rank by train.checkpointing.
+    megatron-core marks expert weights `allreduce=False` (reduced over the expert-data-parallel group,
+    stepped by a second optimizer) only when expert parallelism is on; with one expert-parallel rank they
+    join the dense weights. The optimizer's checkpoint then changes shape between EP = 1 and EP > 1, and
+    megatron-core cannot reshard it. With one expert-parallel rank the expert-data-parallel group is the
+    data-parallel group, so marking them always changes no number and keeps one optimizer layout.
     """
-
-    is_sharded = False
-
-    def __init__(self, model: torch.nn.Module, args: argparse.Namespace) -> None:
-        from megatron.core import parallel_state
-
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if not no_weight_decay(n, p)], "wd_mult": 1.0},
-            {"params": [p for n, p in named if no_weight_decay(n, p)], "wd_mult": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                           eps=args.adam_eps, weight_decay=args.weight_decay)
-        self.clip_grad = args.clip_grad
-        self.group = parallel_state.get_data_parallel_group()
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=False)
-
-    def step(self) -> float:
-        """Average, clip and apply the gradients; returns the global gradient norm before clipping."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.group)
-        flat /= dist.get_world_size(self.group)
-        for param, grad in zip(self.params, torch._utils._unflatten_dense_tensors(flat, grads)):
-            param.grad = grad
-        max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
-        self.optimizer.step()
-        return grad_norm
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
-
-
-class MegatronOptimizerStep:
-    """GPU optimizer step: megatron-core's (distributed) optimizer over a DDP-wrapped model; same interface as above."""
-
-    is_sharded = True
-
-    def __init__(self, ddp_model, args: argparse.Namespace) -> None:
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        config = OptimizerConfig(
-            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-            use_distributed_optimizer=True,
-        )
-        self.ddp_model = ddp_model
-        self.optimizer = get_megatron_optimizer(config, [ddp_model])
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    def zero_grad(self) -> None:
-        self.ddp_model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-
-    def step(self) -> float:
-        update_successful, grad_norm, _ = self.optimizer.step()
-        if not update_successful:
-            raise RuntimeError("the optimizer skipped a step (non-finite gradients)")
-        return float(grad_norm)
-
-    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
-        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+    for layer in model.decoder.layers:
+        for param in layer.mlp.experts.parameters():
+            param.allreduce = False
 
 
 def wrap_for_training(model: torch.nn.Module, args: argparse.Namespace):
-    """(model the schedules run, optimizer). GPU: megatron DDP whose gradient reduction megatron's
-    finalize_model_grads performs after the last micro-batch; CPU: the bare model."""
-    if args.device == "cpu":
-        return model, DataParallelAdamW(model, args)
+    """(DDP-wrapped model, megatron optimizer), with the schedule hooks Megatron-LM sets on the model config."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-                                               overlap_grad_reduce=False)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        # Megatron-LM's default: 40M-element buckets when overlapping, one bucket otherwise
+        bucket_size=40_000_000 if args.overlap_grad_reduce else None,
+    )
+    keep_experts_apart(model)
     ddp_model = DistributedDataParallel(model.config, ddp_config, model)
-    optimizer = MegatronOptimizerStep(ddp_model, args)
-    model.config.grad_scale_func = optimizer.optimizer.scale_loss
-    model.config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=model.config.params_dtype,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_param_gather=args.overlap_param_gather,
+        ),
+        [ddp_model],
+    )
+    config = model.config
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    if args.overlap_grad_reduce:
+        config.no_sync_func = ddp_model.no_sync
+        config.grad_sync_func = ddp_model.start_grad_sync  # Megatron-LM's --align-grad-reduce (its default)
     return ddp_model, optimizer

@@ -1,15 +1,24 @@
-"""Training checkpoints in the folder contract of docs/checkpoint-format.md, and save-on-signal.
+"""Training checkpoints as Megatron-LM writes them (torch_dist), in the folder contract of
+docs/checkpoint-format.md, and save-on-signal.
 
-`--save` holds `iter_XXXXXXX/` folders, `latest_checkpointed_iteration.txt` (written last, by
-rank 0, after every rank finished writing), `router_upcycling.json` (its `training` block names
-the newest iteration) and `tokenizer/`. An iteration folder holds:
+`--save` holds `iter_XXXXXXX/` folders, `latest_checkpointed_iteration.txt` (written last, by rank 0,
+after every rank finished writing), `router_upcycling.json` (its `training` block names the newest
+iteration) and `tokenizer/`. An iteration folder is one torch_dist checkpoint holding:
 
-- the torch_dist checkpoint: `model` (and on GPU megatron's distributed optimizer `optimizer`);
-- `train_state/common.pt` (rank 0): iteration, consumed samples, scheduler state, world size;
-- `train_state/rank_NNNNN.pt` (every rank): RNG states, and on CPU the rank's torch AdamW state.
-  CPU runs therefore resume with the same number of ranks; GPU runs reshard model and optimizer
-  through torch_dist and reseed RNG when the world size changed.
+- `model`: the model's sharded state (reshards to any tensor/pipeline/expert/data layout);
+- `optimizer`: megatron-core's optimizer state with float32 main weights. The distributed optimizer
+  saves it as `dp_reshardable` (Megatron-LM's default: every rank writes its own shard, no gather; resumes
+  with any data-parallel size but the same tensor/pipeline/expert sizes) or, with
+  --dist-ckpt-optim-fully-reshardable, `fully_reshardable` (gathered per data-parallel group while
+  saving; resumes on any layout). The plain optimizer's state is sharded like the model: any layout;
+- common values (rank 0): `iteration`, `consumed_samples`, `opt_param_scheduler`, `parallel_layout`;
+- `rng_state`: every rank's Python, NumPy, torch and model-parallel tracker RNG states, restored when
+  the layout is the same (otherwise the fresh seeding of --seed stands, as Megatron-LM does);
+- the content metadata Megatron-LM records (`distrib_optim_sharding_type`, `singleton_local_shards`,
+  `chained_optim_avoid_prefix`), which the loader reads back to rebuild the same sharding.
 """
+import argparse
+import logging
 import os
 import random
 import shutil
@@ -24,26 +33,49 @@ from router_upcycling.mcore.checkpoint import (
     copy_tokenizer, iteration_dir_name, model_state, read_metadata, read_tracker, resolve_iteration_dir,
     save_sharded, write_metadata, write_tracker,
 )
+from router_upcycling.mcore import torch_adam
+from router_upcycling.mcore.parallel import current_device
 from router_upcycling.train.arguments import TrainError
 
-STATE_DIR = "train_state"
-COMMON_FILE = "common.pt"
+log = logging.getLogger("router_upcycling.train")
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's
+FULLY_RESHARDABLE = "fully_reshardable"
 
 
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
+def parallel_layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tensor": ps.get_tensor_model_parallel_world_size(), "pipeline": ps.get_pipeline_model_parallel_world_size(),
+            "expert": ps.get_expert_model_parallel_world_size(), "data": ps.get_data_parallel_world_size()}
 
 
-def rng_state() -> dict:
+def describe_layout(layout: dict) -> str:
+    return (f"--tensor-model-parallel-size {layout['tensor']} --pipeline-model-parallel-size {layout['pipeline']} "
+            f"--expert-model-parallel-size {layout['expert']}")
+
+
+def sharding_metadata(args: argparse.Namespace) -> dict:
+    """Megatron-LM's `_build_sharded_state_dict_metadata` (core_v0.16.1), for our flags."""
+    from megatron.core import parallel_state
+
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if args.use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = FULLY_RESHARDABLE if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    return metadata | {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+
+
+def serializable(metadata: dict) -> dict:
+    return {key: value for key, value in metadata.items() if key != "dp_cp_group"}
+
+
+def rng_state():
+    """This rank's RNG states as one element of a world-sized sharded object."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "device": torch.cuda.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
 def set_rng_state(state: dict) -> None:
@@ -52,8 +84,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    torch.cuda.set_rng_state(state["device"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
@@ -78,60 +109,73 @@ def prepare_save_dir(save_dir: str, metadata: dict, tokenizer_dir: str, resuming
     dist.barrier()
 
 
-def save_checkpoint(save_dir: str, iteration: int, consumed_samples: int, seq_length: int,
-                    model, optimizer, scheduler) -> str:
+def save_checkpoint(args: argparse.Namespace, iteration: int, consumed_samples: int, model, optimizer, scheduler) -> str:
     """Write iter_XXXXXXX on every rank, then (rank 0) the metadata's training block and the tracker."""
-    iteration_dir = os.path.join(save_dir, iteration_dir_name(iteration))
+    iteration_dir = os.path.join(args.save, iteration_dir_name(iteration))
     if dist.get_rank() == 0 and os.path.exists(iteration_dir):
         shutil.rmtree(iteration_dir)  # left by an interrupted save: the tracker never named it
     dist.barrier()
-    sharded = model_state(model)
-    if optimizer.is_sharded:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
-    save_sharded(sharded, iteration_dir)
-    dist.barrier()
-    state_dir = os.path.join(iteration_dir, STATE_DIR)
-    os.makedirs(state_dir, exist_ok=True)
-    local = {"rng": rng_state(), "optimizer": None if optimizer.is_sharded else optimizer.state_dict()}
-    torch.save(local, os.path.join(state_dir, rank_file(dist.get_rank())))
-    if dist.get_rank() == 0:
-        common = {"iteration": iteration, "consumed_samples": consumed_samples,
-                  "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size()}
-        torch.save(common, os.path.join(state_dir, COMMON_FILE))
+    metadata = sharding_metadata(args)
+    state = model_state(model, metadata)
+    state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=metadata)
+    state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
+                 opt_param_scheduler=scheduler.state_dict(), parallel_layout=parallel_layout(), rng_state=rng_state())
+    save_sharded(state, iteration_dir, content_metadata=serializable(metadata))
     dist.barrier()
     if dist.get_rank() == 0:
-        metadata = read_metadata(save_dir)
-        metadata["training"] = {"iteration": iteration, "consumed_tokens": consumed_samples * seq_length}
-        write_metadata(save_dir, {k: v for k, v in metadata.items() if k != "format_version"})
-        write_tracker(save_dir, iteration)
+        run_metadata = read_metadata(args.save)
+        run_metadata["training"] = {"iteration": iteration, "consumed_tokens": consumed_samples * args.seq_length}
+        write_metadata(args.save, {k: v for k, v in run_metadata.items() if k != "format_version"})
+        write_tracker(args.save, iteration)
     dist.barrier()
     return iteration_dir
 
 
-def load_checkpoint(load_dir: str, model, optimizer, scheduler) -> Tuple[int, int]:
-    """Restore everything saved by save_checkpoint; returns (iteration, consumed samples)."""
-    from megatron.core import dist_checkpointing
+def check_optimizer_layout(iteration_dir: str, saved: dict, content_metadata: dict) -> None:
+    """dp_reshardable optimizer state resumes only with the tensor/pipeline/expert sizes it was saved with."""
+    sharding_type = content_metadata.get("distrib_optim_sharding_type")
+    if sharding_type in (None, FULLY_RESHARDABLE):
+        return
+    now = parallel_layout()
+    if any(saved[dim] != now[dim] for dim in ("tensor", "pipeline", "expert")):
+        raise TrainError(f"{iteration_dir} holds {sharding_type} optimizer state, which resumes only with "
+                         f"{describe_layout(saved)} (any data-parallel size); resume with those sizes, add "
+                         f"--no-load-optim, or save with --dist-ckpt-optim-fully-reshardable")
+
+
+def load_checkpoint(args: argparse.Namespace, load_dir: str, model, optimizer, scheduler) -> Tuple[int, int]:
+    """Restore what save_checkpoint wrote, resharded to this run's layout; returns (iteration, consumed samples)."""
+    from megatron.core import dist_checkpointing, parallel_state
 
     iteration_dir = resolve_iteration_dir(load_dir)
-    state_dir = os.path.join(iteration_dir, STATE_DIR)
-    common = torch.load(os.path.join(state_dir, COMMON_FILE), weights_only=False)
-    local_path = os.path.join(state_dir, rank_file(dist.get_rank()))
-    same_world = common["world_size"] == dist.get_world_size() and os.path.isfile(local_path)
-    if not optimizer.is_sharded and not same_world:
-        raise TrainError(f"{iteration_dir} was written by {common['world_size']} CPU ranks; resume CPU runs with the same number")
-    sharded = model_state(model)
-    if optimizer.is_sharded:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
-    state = dist_checkpointing.load(sharded, iteration_dir)
-    model.load_state_dict(state["model"])
-    if optimizer.is_sharded:
-        optimizer.load_state_dict(state["optimizer"])
-    if same_world:
-        local = torch.load(local_path, weights_only=False)
-        set_rng_state(local["rng"])
-        if not optimizer.is_sharded:
-            optimizer.load_state_dict(local["optimizer"])
-    scheduler.load_state_dict(common["scheduler"])
+    common = dist_checkpointing.load_common_state_dict(iteration_dir)
+    content_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    saved_layout = common["parallel_layout"]
+    load_optimizer = not args.no_load_optim
+    if load_optimizer:
+        check_optimizer_layout(iteration_dir, saved_layout, content_metadata)
+    metadata = content_metadata | {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    state = model_state(model, metadata)
+    if load_optimizer:
+        torch_adam.before_loading(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True, metadata=metadata)
+    same_layout = saved_layout == parallel_layout()
+    if same_layout:
+        state["rng_state"] = rng_state()
+    loaded = dist_checkpointing.load(state, iteration_dir)
+    with torch.no_grad():  # fp32 main weights of the distributed optimizer are views of the model's parameters
+        model.load_state_dict(loaded["model"])
+        if load_optimizer:
+            optimizer.load_state_dict(loaded["optimizer"])
+            torch_adam.after_loading(optimizer)
+        else:
+            optimizer.reload_model_params()  # main (float32) weights from the loaded model weights
+    if same_layout:
+        set_rng_state(loaded["rng_state"])
+    elif dist.get_rank() == 0:
+        log.warning("resuming %s saved with layout %s on layout %s: RNG states are freshly seeded", iteration_dir,
+                    saved_layout, parallel_layout())
+    scheduler.load_state_dict(common["opt_param_scheduler"])
     return common["iteration"], common["consumed_samples"]
 
 
@@ -153,8 +197,6 @@ class ExitSignal:
         self.received = signal.Signals(signum).name
 
     def any_rank_received(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
+        flag = torch.tensor([1.0 if self.received else 0.0], device=current_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -17,13 +17,17 @@ log = logging.getLogger("router_upcycling.train")
 
 
 class RoutingCounter:
-    """Tokens routed to each expert per layer [L, N], from forward hooks on every `mlp.router` (training only)."""
+    """Tokens routed to each expert per layer [L, N], from forward hooks on this pipeline stage's routers.
+
+    Counted on the model's device (no host sync per layer and micro-batch) into rows of the model's
+    global layer numbers, so summing over every rank gives the whole model: pipeline stages hold
+    disjoint layers, and data-parallel, expert-parallel and sequence-parallel ranks route disjoint tokens.
+    """
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        routers = [m for name, m in model.named_modules() if name.endswith("mlp.router")]
-        # counted on the model's device: no host sync per layer and micro-batch
-        self.counts = torch.zeros(len(routers), routers[0].config.num_moe_experts, dtype=torch.float64, device=device)
-        self.handles = [router.register_forward_hook(self._hook(layer)) for layer, router in enumerate(routers)]
+        layers = model.decoder.layers
+        self.counts = torch.zeros(model.config.num_layers, model.config.num_moe_experts, dtype=torch.float64, device=device)
+        self.handles = [layer.mlp.router.register_forward_hook(self._hook(layer.layer_number - 1)) for layer in layers]
 
     def _hook(self, layer: int):
         def count(module, inputs, outputs) -> None:
@@ -32,10 +36,10 @@ class RoutingCounter:
                 self.counts[layer] += routing_map.sum(0).to(self.counts)
         return count
 
-    def shares(self, group) -> List[List[float]]:
-        """Each layer's share of routed tokens per expert, summed over the data-parallel group, then reset."""
+    def shares(self) -> List[List[float]]:
+        """Each layer's share of routed tokens per expert over all ranks since the last call, then reset."""
         counts = self.counts.clone()
-        dist.all_reduce(counts, group=group)
+        dist.all_reduce(counts)
         self.counts.zero_()
         shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
         return [[round(x, 5) for x in row] for row in shares.tolist()]
@@ -122,6 +126,9 @@ def train_line(record: Dict, train_iters: int) -> str:
         parts.append(f"z loss {record['z_loss']:.4f}")
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    parts.append(f"host mem {record['host_memory_mb']:.0f} MB")
+    if record.get("gpu_max_allocated_mb") is not None:
+        parts.append(f"GPU mem {record['gpu_max_allocated_mb']:.0f} MB")
     parts.append(f"ETA {format_seconds(record['eta_sec'])}")
     return " | ".join(parts)
 
@@ -132,14 +139,13 @@ def format_seconds(seconds: Optional[float]) -> str:
 
 
 class IntervalTimer:
-    """Wall time of the steps since the last log (synchronising the device so times are real)."""
+    """Wall time of the steps since the last log (synchronising the device so times are real; a no-op on CPU)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
 
     def lap(self) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
         now = time.perf_counter()
         elapsed, self.start = now - self.start, now
         return elapsed

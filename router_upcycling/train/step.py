@@ -1,9 +1,9 @@
-"""One training step and one validation pass, through megatron-core's forward/backward schedules.
+"""One training step and one validation pass, through megatron-core's forward/backward schedule.
 
-GPU: `get_forward_backward_func()` (pipeline-aware; with DDP it also finalises the gradient
-reduction). CPU: megatron's schedule allocates its token counter on CUDA, so `cpu_forward_backward`
-runs the same per-micro-batch pieces (`forward_step`, `backward_step`: loss scaling by
-1/micro-batches and the MoE aux-loss scale included) in the non-pipelined order; PP = 1 on CPU.
+`get_forward_backward_func()` picks the schedule from the pipeline size (no pipelining, or 1F1B);
+it scales the loss by 1/micro-batches, runs backward through DDP's gradient buffers, and calls the
+config's finalize_model_grads (data-parallel reduction, tensor-parallel norm and router gradients,
+tied embeddings across pipeline stages).
 
 Shapes: b micro batch, s sequence length.
 """
@@ -13,9 +13,7 @@ from typing import Callable, Dict, Iterator, List
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
 
 from router_upcycling.mcore.model import causal_attention_mask
 
@@ -28,7 +26,7 @@ def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def make_forward_step(seq_length: int, device: torch.device) -> Callable:
-    """forward_step_func(data_iterator, model) as megatron's schedules call it."""
+    """forward_step_func(data_iterator, model) as megatron's schedules call it (on every pipeline stage)."""
     attention_mask = causal_attention_mask(seq_length, device=device)
 
     def forward_step_func(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
@@ -39,24 +37,12 @@ def make_forward_step(seq_length: int, device: torch.device) -> Callable:
     return forward_step_func
 
 
-def cpu_forward_backward(*, forward_step_func, data_iterator, model, num_microbatches: int, forward_only: bool,
-                         **_unused) -> List[Dict]:
-    """forward_backward_no_pipelining without its CUDA token counter and without DDP finalisation."""
-    config = model.config
-    store: List[Dict] = []
-    for microbatch in range(num_microbatches):
-        output, _ = forward_step(forward_step_func, data_iterator, model, num_microbatches, None, store, config,
-                                 cp_group_size=1, is_first_microbatch=microbatch == 0, current_microbatch=microbatch)
-        if not forward_only:
-            backward_step(None, output, None, ModelType.encoder_or_decoder, config)
-    return store
-
-
 def forward_backward(model, data_iterator, forward_step_func, num_microbatches: int, args, forward_only: bool) -> List[Dict]:
-    run = cpu_forward_backward if args.device == "cpu" else get_forward_backward_func()
-    return run(forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
-               num_microbatches=num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-               forward_only=forward_only)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func, data_iterator=data_iterator, model=[model],
+        num_microbatches=num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only,
+    )
 
 
 def mean_reported_loss(store: List[Dict], device: torch.device) -> float:
@@ -72,11 +58,15 @@ def mean_reported_loss(store: List[Dict], device: torch.device) -> float:
 
 
 def train_step(model, optimizer, data_iterator, forward_step_func, num_microbatches: int, args, device) -> Dict:
+    """One optimizer step of megatron-core's DDP model; returns the step's loss and gradient norm."""
     model.train()
+    model.zero_grad_buffer()
     optimizer.zero_grad()
     store = forward_backward(model, data_iterator, forward_step_func, num_microbatches, args, forward_only=False)
-    grad_norm = optimizer.step()
-    return {"lm_loss": mean_reported_loss(store, device), "grad_norm": grad_norm}
+    update_successful, grad_norm, _ = optimizer.step()
+    if not update_successful:
+        raise RuntimeError("the optimizer skipped a step (non-finite gradients)")
+    return {"lm_loss": mean_reported_loss(store, device), "grad_norm": float(grad_norm)}
 
 
 @torch.no_grad()

@@ -8,13 +8,16 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
-from router_upcycling.cli import user_errors
+from router_upcycling.cli import setup_logging, user_errors
 from router_upcycling.mcore.checkpoint import load_model_weights
-from router_upcycling.mcore.parallel import initialize_distributed, shutdown_distributed
-from router_upcycling.train.arguments import H100_BF16_PEAK_FLOPS, parse_args
+from router_upcycling.mcore.parallel import (
+    current_device, default_peak_flops, initialize_distributed, memory_figures, shutdown_distributed,
+)
+from router_upcycling.train.arguments import parse_args
 from router_upcycling.train.build import build_model, resolve_model_source, wrap_for_training
 from router_upcycling.train.checkpointing import (
-    ExitSignal, check_save_dir, load_checkpoint, prepare_save_dir, resumes_in_place, save_checkpoint,
+    ExitSignal, check_save_dir, describe_layout, load_checkpoint, parallel_layout, prepare_save_dir, resumes_in_place,
+    save_checkpoint,
 )
 from router_upcycling.train.data import build_datasets, check_batch_sizes, global_batch_iterator, load_tokenizer, parse_blend
 from router_upcycling.train.metrics import IntervalTimer, MetricsWriter, RoutingCounter, flops_per_token, train_line
@@ -39,7 +42,7 @@ def train(args: argparse.Namespace) -> None:
         check_save_dir(args.save, source.resume_dir)
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            args.expert_model_parallel_size, seed=args.seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = current_device()
     is_writer = torch.distributed.get_rank() == 0
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     num_microbatches = check_batch_sizes(args, dp_size)
@@ -51,13 +54,14 @@ def train(args: argparse.Namespace) -> None:
         load_model_weights(model, source.weights_dir)
     train_model, optimizer = wrap_for_training(model, args)
     scheduler = build_scheduler(args, optimizer)
-    iteration, consumed = load_checkpoint(source.resume_dir, model, optimizer, scheduler) if source.resume_dir else (0, 0)
+    iteration, consumed = load_checkpoint(args, source.resume_dir, model, optimizer, scheduler) if source.resume_dir else (0, 0)
     if args.save:
         prepare_save_dir(args.save, source.metadata, source.tokenizer_dir, resumes_in_place(args.save, source.resume_dir))
     if is_writer:
         start = f"resuming at step {iteration}" if source.resume_dir else "starting"
         print(f"{start}: {args.train_iters} steps, {dp_size} data-parallel ranks x {num_microbatches} micro-batches of "
-              f"{args.micro_batch_size} x {args.seq_length} tokens, device {args.device}", flush=True)
+              f"{args.micro_batch_size} x {args.seq_length} tokens; layout {describe_layout(parallel_layout())}; "
+              f"{'bf16' if args.bf16 else 'fp32'}, {args.transformer_impl} layers, {device.type}", flush=True)
 
     forward_step_func = make_forward_step(args.seq_length, device)
     routing = RoutingCounter(model, device)
@@ -66,14 +70,16 @@ def train(args: argparse.Namespace) -> None:
     moe = source.moe
     flops_per_step = flops_per_token(source.hf_config, moe.num_experts, moe.topk, args.seq_length) \
         * args.global_batch_size * args.seq_length
-    peak_flops = args.peak_flops or (H100_BF16_PEAK_FLOPS if args.device == "cuda" else None)
+    peak_flops = args.peak_flops or default_peak_flops()
     timer, interval_losses = IntervalTimer(), []
     saved_iteration = iteration if source.resume_dir else None
 
     def save() -> None:
         nonlocal saved_iteration
         if args.save and saved_iteration != iteration:
-            save_checkpoint(args.save, iteration, consumed, args.seq_length, model, optimizer, scheduler)
+            if args.overlap_param_gather:  # the last update is otherwise gathered only by the next forward pass
+                train_model.start_param_sync(force_sync=True)
+            save_checkpoint(args, iteration, consumed, model, optimizer, scheduler)
             saved_iteration = iteration
             if is_writer:
                 print(f"saved checkpoint {args.save} at step {iteration}", flush=True)
@@ -104,7 +110,8 @@ def train(args: argparse.Namespace) -> None:
                 "mfu": steps * flops_per_step / elapsed / (peak_flops * world) if peak_flops else None,
                 "eta_sec": (args.train_iters - iteration) * elapsed / steps,
                 "consumed_samples": consumed,
-                "expert_token_share": routing.shares(parallel_state.get_data_parallel_group()),
+                "expert_token_share": routing.shares(),
+                **memory_figures(),
             }
             writer.write(record, train_line(record, args.train_iters))
             interval_losses = []
@@ -114,7 +121,11 @@ def train(args: argparse.Namespace) -> None:
                 global_batch_iterator(valid_data, g * args.global_batch_size, args, dp_rank, dp_size, device)
                 for g in range(args.eval_iters)
             )
+            if args.overlap_param_gather:  # as Megatron-LM: gather every parameter now, no overlap while evaluating
+                train_model.disable_forward_pre_hook(param_sync=True)
             val_loss = evaluate(train_model, eval_batches, forward_step_func, num_microbatches, args, device)
+            if args.overlap_param_gather:
+                train_model.enable_forward_pre_hook()
             writer.write({"step": iteration, "val_loss": val_loss}, f"step {iteration} | validation loss {val_loss:.4f}")
             timer.lap()  # validation time is not training throughput
 
@@ -141,7 +152,7 @@ def _mean(records: List[dict], key: str) -> Optional[float]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     with user_errors():
         args = parse_args(argv)
         try:

@@ -117,3 +117,17 @@ def test_two_ranks_load_any_layout_and_match_dense(upcycled, parallel, backward)
         torch.testing.assert_close(result["logits"], expected, atol=1e-4, rtol=0)
         if backward:
             assert result["query_grad"] > 0 and result["keys_grad"] > 0, result
+
+
+@pytest.mark.parametrize("router", ["mor", "mlp", "switch"])
+def test_routers_take_keywords_newer_megatron_core_passes(router):
+    """megatron-core 0.17+ builds routers with `is_mtp_layer=...`; ours must not break at construction."""
+    from megatron.core.transformer.moe.moe_layer import get_default_pg_collection
+
+    from router_upcycling.mcore.model import router_builder
+
+    moe = MoESettings(router=router, num_experts=4, topk=2)
+    build(moe)  # process groups
+    config = transformer_config(HF_CONFIG, moe)
+    router = router_builder(moe)(config, pg_collection=get_default_pg_collection(), is_mtp_layer=False)
+    assert router.config is config

@@ -4,7 +4,6 @@ Data preprocessed with tools/preprocess_data.py, a tiny model upcycled with tool
 the job submitted with sbatch and waited for: the same path a user takes on a cluster.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -19,9 +19,13 @@ class FakeOptimizer:
 
 @pytest.mark.parametrize("name", ["qwen1.5_8x0.5b_mor.yaml", "qwen1.5_8x0.5b_vanilla.yaml"])
 def test_paper_recipes_follow_section_4_1(name):
-    args = parse_args(["--config", os.path.join(CONFIGS, name), "--device", "cpu", "--no-bf16", *REQUIRED])
+    args = parse_args(["--config", os.path.join(CONFIGS, name), "--transformer-impl", "local", "--no-moe-grouped-gemm", *REQUIRED])
     with open(os.path.join(CONFIGS, name)) as f:
-        assert yaml.safe_load(f)["bf16"] is True  # --no-bf16 above only lets the recipe parse on a CPU machine
+        recipe = yaml.safe_load(f)
+    assert recipe["bf16"] is True and args.bf16
+    # the CUDA-only speed options, turned off on the command line so the recipe parses on CPU
+    assert recipe["transformer-impl"] == "transformer_engine" and recipe["moe-grouped-gemm"] is True
+    assert args.use_distributed_optimizer and args.overlap_grad_reduce and args.overlap_param_gather
     assert (args.micro_batch_size, args.global_batch_size, args.seq_length, args.train_iters) == (4, 1024, 4096, 25600)
     assert args.global_batch_size // (args.micro_batch_size * 64) == 4
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size) == (1, 1, 1)
@@ -36,19 +40,32 @@ def test_paper_recipes_follow_section_4_1(name):
     assert args.data_path == ["0.3", "A", "0.7", "B"]
 
 
-def test_recipes_need_bf16_on_gpu_and_refuse_it_on_cpu():
-    with pytest.raises(TrainError, match="float32"):
-        parse_args(["--config", os.path.join(CONFIGS, "qwen1.5_8x0.5b_mor.yaml"), "--device", "cpu", *REQUIRED])
+@pytest.mark.parametrize("flags,message", [
+    (["--transformer-impl", "transformer_engine"], "Transformer Engine kernels need CUDA"),
+    (["--moe-grouped-gemm"], "grouped GEMM kernels need CUDA"),
+    (["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], "needs --use-distributed-optimizer and --overlap-grad-reduce"),
+    (["--recompute-granularity", "full"], "needs --recompute-method"),
+    (["--recompute-method", "block"], "apply only to --recompute-granularity full"),
+])
+def test_settings_that_cannot_run_are_refused_before_anything_starts(flags, message):
+    with pytest.raises(TrainError, match=message):
+        parse_args([*REQUIRED, "--train-iters", "5", *flags])
+
+
+def test_cuda_only_options_are_refused_on_cpu_in_the_paper_recipe():
+    with pytest.raises(TrainError, match="Transformer Engine kernels need CUDA; use --transformer-impl local"):
+        parse_args(["--config", os.path.join(CONFIGS, "qwen1.5_8x0.5b_mor.yaml"), *REQUIRED])
 
 
 def test_tiny_cpu_config_and_command_line_precedence():
     args = parse_args(["--config", os.path.join(CONFIGS, "tiny_cpu.yaml"), *REQUIRED, "--train-iters", "5"])
-    assert (args.device, args.seq_length, args.micro_batch_size, args.global_batch_size, args.log_interval) == ("cpu", 64, 2, 8, 1)
-    assert args.train_iters == 5
+    assert (args.seq_length, args.micro_batch_size, args.global_batch_size, args.log_interval) == (64, 2, 8, 1)
+    assert args.train_iters == 5 and args.transformer_impl == "local" and not args.bf16
 
 
 def test_step_schedule_is_megatron_scheduler_with_state():
-    args = parse_args(["--device", "cpu", *REQUIRED, "--train-iters", "10", "--lr", "1.0", "--lr-warmup-fraction", "0.2"])
+    args = parse_args([*REQUIRED, "--train-iters", "10", "--lr", "1.0", "--lr-warmup-fraction", "0.2"])
     optimizer = FakeOptimizer()
     scheduler = build_scheduler(args, optimizer)
     assert isinstance(scheduler, StepDecayParamScheduler)

@@ -1,5 +1,6 @@
-"""`python -m router_upcycling.train` on CPU, launched as users do (python -m, torchrun): learning, exact
-resume, SIGTERM checkpoints, data-parallel equivalence and bad input. Tiny model: d=64, 2 layers, 4 experts, seq 32."""
+"""`python -m router_upcycling.train` on CPU, launched as users do (python -m, torchrun): learning, the
+checkpoint folder, exact resume, SIGTERM checkpoints and bad input (tests/train/training_runs.py has the
+tiny model). Parallel layouts and resharding: test_train_layouts.py."""
 import json
 import os
 import signal
@@ -7,117 +8,45 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
 from router_upcycling.mcore.checkpoint import read_tracker, resolve_iteration_dir
-from router_upcycling.mcore.model import MoESettings
-from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
-
-VENV_BIN = os.path.dirname(sys.executable)
-STEPS = 12
-
-
-def write_token_documents(prefix: str, num_docs: int = 200, seed: int = 0) -> None:
-    """An indexed dataset of short arithmetic token sequences (learnable), each ended by EOD (id 0)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    for _ in range(num_docs):
-        length, start, stride = int(rng.integers(10, 80)), int(rng.integers(1, 200)), int(rng.integers(1, 5))
-        builder.add_item(torch.tensor([(start + i * stride) % 200 + 1 for i in range(length)] + [0]))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_inputs")
-    dense = make_dense_qwen2(str(root / "dense"), num_heads=8, num_kv_heads=8, tied=True, seed=1)
-    calib = root / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAMPLE_TEXT))
-    checkpoint = upcycle(dense, str(root / "moe"), MoESettings(router="mor", num_experts=4, topk=2, num_routers=4),
-                         CalibrationSettings(files=[str(calib)], tokens=200, seq_length=16), dtype="fp32", progress=False)
-    write_token_documents(str(root / "tokens_text_document"))
-    return {"dense": dense, "checkpoint": checkpoint, "data": str(root / "tokens_text_document"), "root": root}
-
-
-def train_flags(inputs, save, *extra) -> list:
-    return ["--pretrained-checkpoint", inputs["checkpoint"], "--data-path", inputs["data"], "--save", str(save),
-            "--data-cache-path", str(inputs["root"] / "cache"), "--device", "cpu", "--seq-length", "32",
-            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(STEPS), "--log-interval", "1",
-            "--eval-interval", "6", "--eval-iters", "1", "--lr", "3e-3", "--lr-warmup-iters", "1", "--split", "90,10,0",
-            *extra]
-
-
-def launch(flags, nproc: int = 1, **popen):
-    if nproc == 1:
-        command = [sys.executable, "-m", "router_upcycling.train", *flags]
-    else:
-        command = [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", str(nproc), "-m", "router_upcycling.train", *flags]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def run(flags, nproc: int = 1) -> str:
-    process = launch(flags, nproc)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
-    return output
-
-
-def train_losses(save) -> dict:
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return {r["step"]: r["lm_loss"] for r in records if "lm_loss" in r}
-
-
-@pytest.fixture(scope="module")
-def straight_run(inputs, tmp_path_factory):
-    save = tmp_path_factory.mktemp("straight") / "run"
-    run(train_flags(inputs, save))
-    return save
-
+from training_runs import STEPS, launch, run, train_flags, train_losses
 
 def test_straight_run_learns_and_writes_the_folder_contract(straight_run):
     losses = train_losses(straight_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1] - 0.5
     assert read_tracker(straight_run) == str(STEPS)
-    assert os.path.isfile(os.path.join(resolve_iteration_dir(straight_run), "train_state", "common.pt"))
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(resolve_iteration_dir(straight_run))
+    assert (common["iteration"], common["consumed_samples"]) == (STEPS, STEPS * 8)
+    assert common["parallel_layout"] == {"tensor": 1, "pipeline": 1, "expert": 1, "data": 1}
+    assert common["opt_param_scheduler"]["num_steps"] == STEPS
+    assert dist_checkpointing.load_content_metadata(preloaded_state_dict=common) == {
+        "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     metadata = json.loads(open(os.path.join(straight_run, "router_upcycling.json")).read())
     assert metadata["moe"]["router"] == "mor"
     assert metadata["training"] == {"iteration": STEPS, "consumed_tokens": STEPS * 8 * 32}
     assert os.path.isfile(os.path.join(straight_run, "tokenizer", "tokenizer.json"))
     records = [json.loads(line) for line in open(os.path.join(straight_run, "metrics.jsonl"))]
     step = next(r for r in records if r.get("step") == 3 and "lm_loss" in r)
-    for key in ("lr", "grad_norm", "tokens_per_sec", "load_balancing_loss", "z_loss"):
+    for key in ("lr", "grad_norm", "tokens_per_sec", "load_balancing_loss", "z_loss", "host_memory_mb"):
         assert key in step
+    assert 50 < step["host_memory_mb"] < 8000
     shares = torch.tensor(step["expert_token_share"])
     assert shares.shape == (2, 4) and torch.allclose(shares.sum(-1), torch.ones(2), atol=1e-3)
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
 
 
-def test_exit_interval_then_resume_equals_straight_run(inputs, straight_run, tmp_path):
-    save = tmp_path / "run"
-    output = run(train_flags(inputs, save, "--load", str(save), "--exit-interval", "6"))
-    assert "stopping at step 6" in output and read_tracker(save) == "6"
+def test_resume_equals_straight_run_exactly(inputs, straight_run, resumable_at_8):
+    save = resumable_at_8
     output = run(train_flags(inputs, save, "--load", str(save)))
-    assert "resuming at step 6" in output
+    assert "resuming at step 8" in output
     straight, resumed = train_losses(straight_run), train_losses(save)
-    for step in range(7, STEPS + 1):
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-4)
-
-
-def test_two_ranks_learn_like_one_rank_with_the_same_global_batch(inputs, straight_run, tmp_path):
-    save = tmp_path / "run"
-    output = run(train_flags(inputs, save), nproc=2)
-    assert "2 data-parallel ranks x 2 micro-batches" in output
-    one_rank, two_ranks = train_losses(straight_run), train_losses(save)
-    for step in range(1, STEPS + 1):
-        assert two_ranks[step] == pytest.approx(one_rank[step], abs=1e-4)
+    assert [resumed[step] for step in range(1, STEPS + 1)] == [straight[step] for step in range(1, STEPS + 1)]
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(inputs, tmp_path):
