@@ -14,7 +14,7 @@ setup(
     package_data={"router_upcycling": ["eval/tasks/*.yaml"]},
     install_requires=[
         "torch>=2.6,<3",
-        "megatron-core>=0.16.1,<0.17",
+        "megatron-core>=0.16.1,<0.20",
         "transformers>=5.23,<6",
         "tokenizers>=0.23,<0.24",
         "safetensors>=0.4",

@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from router_upcycling.mcore.compat import moe_submodules
 from router_upcycling.mcore.routers import ROUTER_TYPES, MixtureOfRoutersRouter, MLPRouter, SwitchRouter
 from router_upcycling.errors import UserError
 from router_upcycling.mor import AGGREGATIONS, num_router_keys
@@ -114,7 +115,7 @@ def moe_layer_spec(moe: MoESettings, use_transformer_engine: bool = False, moe_g
         spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm, normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
-    spec.submodules.mlp.submodules.router = router_builder(moe)
+    moe_submodules(spec).router = router_builder(moe)
     return spec
 
 

@@ -18,7 +18,6 @@ router weights with float32 main copies in the optimizer (megatron-core's distri
 checkpoints hold one parameter dtype per model). Logits are always computed in float32
 (`moe_router_dtype="fp32"`); upcycled checkpoints store routers in float32 whatever --dtype.
 """
-import inspect
 from typing import Optional
 
 import torch
@@ -26,16 +25,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from router_upcycling.mcore.compat import topk_router_keywords
 from router_upcycling.mor import mor_expert_logits, num_router_keys
-
-
-def _accepted_by_topk_router(kwargs: dict) -> dict:
-    """The keywords megatron-core's TopKRouter takes. Newer MoELayers pass routers more (0.17+:
-    `is_mtp_layer`), which our routers forward; ones this TopKRouter does not know are dropped."""
-    parameters = inspect.signature(TopKRouter.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return kwargs
-    return {key: value for key, value in kwargs.items() if key in parameters}
 
 
 def _mark_router_parameter(param: torch.nn.Parameter, config: TransformerConfig) -> torch.nn.Parameter:
@@ -88,7 +79,7 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
             raise ValueError(f"{num_routers} routers do not divide the query width {query_width}")
         self.router_dim = query_width // num_routers
         self.num_keys = num_router_keys(num_routers, config.num_moe_experts)
-        super().__init__(config=config, pg_collection=pg_collection, **_accepted_by_topk_router(kwargs))
+        super().__init__(config=config, pg_collection=pg_collection, **topk_router_keywords(kwargs))
 
     def reset_parameters(self) -> None:
         """Replace megatron's [N, d] gate weight with the routers' queries and the expert keys."""
@@ -122,7 +113,7 @@ class MLPRouter(UnitScaleTop1Mixin, TopKRouter):
     """Two-layer MLP router (d -> d -> N, GELU, no biases), the paper's "upcycling w/ MLP router"."""
 
     def __init__(self, config: TransformerConfig, pg_collection=None, **kwargs) -> None:
-        super().__init__(config=config, pg_collection=pg_collection, **_accepted_by_topk_router(kwargs))
+        super().__init__(config=config, pg_collection=pg_collection, **topk_router_keywords(kwargs))
 
     def reset_parameters(self) -> None:
         self.weight = None
@@ -147,7 +138,7 @@ class SwitchRouter(UnitScaleTop1Mixin, TopKRouter):
     def __init__(self, config: TransformerConfig, pg_collection=None, **kwargs) -> None:
         if config.moe_router_topk != 1:
             raise ValueError(f"the switch router routes each token to 1 expert, not {config.moe_router_topk}")
-        super().__init__(config=config, pg_collection=pg_collection, **_accepted_by_topk_router(kwargs))
+        super().__init__(config=config, pg_collection=pg_collection, **topk_router_keywords(kwargs))
 
 
 ROUTER_TYPES = ("mor", "linear", "mlp", "switch")
