@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(vanilla upcycling); mlp: 2-layer GELU MLP; switch: top-1 Switch router")
     up.add_argument("--num-routers", type=int, default=None, help="routers per layer (R) for mor; default: the number of experts")
     up.add_argument("--router-aggregation", choices=["sum", "max"], default="sum", help="how mor combines the routers' scores")
+    up.add_argument("--router-scale", type=float, default=1.0, help="mor: multiply the expert logits by this (default 1.0, "
+                    "the paper's: no scaling); see docs/results.md for why a smaller scale can help small models")
     up.add_argument("--calib-data", nargs="+", default=[], metavar="PATH",
                     help="calibration text for mor's average keys: .jsonl (--calib-json-key field), .txt, or a local dataset folder")
     up.add_argument("--calib-json-key", default="text", help="JSON field holding the text in .jsonl calibration files")
@@ -64,7 +66,7 @@ def run_upcycle(args) -> int:
     from router_upcycling.mcore.model import MoESettings
 
     moe = MoESettings(num_experts=args.num_experts, topk=args.topk, router=args.router,
-                      num_routers=args.num_routers, aggregation=args.router_aggregation)
+                      num_routers=args.num_routers, aggregation=args.router_aggregation, router_scale=args.router_scale)
     calib = CalibrationSettings(files=args.calib_data, json_key=args.calib_json_key, tokens=args.calib_tokens,
                                 seq_length=args.calib_seq_length, batch_size=args.calib_batch_size)
     path = upcycle(args.hf_model, args.output, moe, calib, dtype=args.dtype, seed=args.seed, force=args.force)

@@ -42,6 +42,8 @@ class MoESettings:
             self.topk = 1
         if self.router == "mor" and self.num_routers is None:
             self.num_routers = self.num_experts
+        if not self.router_scale > 0:
+            raise UserError(f"--router-scale must be positive, got {self.router_scale}")
         if self.num_experts < 1:
             raise UserError("--num-experts must be at least 1")
         if not 1 <= self.topk <= self.num_experts:
