@@ -1,5 +1,6 @@
-"""`python -m router_upcycling.selfcheck` on the CPU as a cluster user runs it on a GPU node: the same stages and
-the same report, a failing parity check that turns the exit status non-zero, and bad input as one line."""
+"""`python -m router_upcycling.selfcheck` on the CPU as a cluster user runs it on a GPU node: under torchrun (as the
+sbatch file's launch.sh starts it), the same stages and the same report, a failing parity check that turns the exit
+status non-zero, and bad input as one line."""
 import json
 import os
 import subprocess
@@ -8,8 +9,9 @@ import sys
 import pytest
 import torch
 
-STAGE_LINES = ("| parity: model logits fp32", "| calibration: 2,048 tokens", "| throughput: mor", "| throughput: linear",
-               "| wrote")
+STAGE_LINES = ("| 2 processes: the one-process stages first", "| parity: model logits fp32", "| calibration: 2,048 tokens",
+               "| throughput: mor (1 process)", "| throughput: linear (1 process)", "| throughput: mor (2 processes)",
+               "| throughput: linear (2 processes)", "| wrote")
 
 
 def selfcheck(*args):
@@ -28,9 +30,13 @@ def assert_user_error(result, *fragments):
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
+    """Two CPU processes: rank 0's child runs the one-process command (parity, calibration, steps on one process),
+    then both ranks time the steps together; one report holds everything."""
     output = tmp_path_factory.mktemp("selfcheck") / "report"
-    result = selfcheck("--device", "cpu", "--size", "tiny", "--steps", 2, "--warmup", 0, "--peak-flops", 1e12,
-                       "--output", output)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "router_upcycling.selfcheck",
+                             "--device", "cpu", "--size", "tiny", "--steps", "1", "--warmup", "0", "--peak-flops", "1e12",
+                             "--output", str(output)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output, result.stdout
 
@@ -52,14 +58,17 @@ def test_cpu_run_reports_parity_and_speed(cpu_run):
     assert report["grouped_gemm_off_over_on"] is None and report["calibration_tokens_per_sec"] > 0
     assert report["device"]["type"] == "cpu" and report["size"] == "tiny"
     assert report["versions"]["torch"] == torch.__version__ and report["versions"]["megatron_core"]
-    run = report["throughput"][0]
-    assert run["world_size"] == 1 and [c["name"] for c in run["configurations"]] == ["mor", "linear"]
+    assert report["command"].startswith("torchrun [2 processes] -m router_upcycling.selfcheck --device cpu")
+    assert [run["world_size"] for run in report["throughput"]] == [1, 2] and report["throughput_world_size"] == 2
+    run = report["throughput"][1]
+    assert [c["name"] for c in run["configurations"]] == ["mor", "linear"]
     # the recipe's options, less the CUDA-only ones
     assert run["options"]["bf16"] and run["options"]["use_distributed_optimizer"] and run["options"]["overlap_grad_reduce"]
     assert run["options"]["transformer_impl"] == "local" and not run["options"]["moe_grouped_gemm"]
 
     table = (output / "selfcheck.md").read_text()
-    assert "parity passed" in table and "| model logits | bf16 |" in table and "| mor | 1 |" in table
+    assert "parity passed" in table and "| model logits | bf16 |" in table
+    assert "| mor | 1 |" in table and "| linear | 2 |" in table
     assert "MoR / linear step time" in table and "the paper's 41,943,040 tokens" in table
     for line in STAGE_LINES:
         assert line in stdout, stdout
@@ -106,3 +115,4 @@ def test_help_explains_every_flag():
     result = selfcheck("--help")
     for flag in ("--output", "--force", "--device", "--size", "--steps", "--warmup", "--stages", "--peak-flops"):
         assert flag in result.stdout
+

@@ -43,7 +43,8 @@ def build_parser() -> OneLineErrorParser:
         "on cuda), 1.8b (Qwen1.5-1.8B's shape) or tiny (default on cpu); parity always uses a tiny model")
     add("--steps", type=int, default=10, help="timed training steps per configuration (default 10)")
     add("--warmup", type=int, default=3, help="untimed training steps before them (default 3)")
-    add("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default: all three)")
+    add("--stages", nargs="+", choices=STAGES, default=list(STAGES), metavar="STAGE",
+        help=f"stages to run, of {', '.join(STAGES)} (default: all three)")
     add("--peak-flops", type=float, help="peak FLOP/s per device for the MFU (default: H100 bf16 989e12 on CUDA; "
         "no MFU on CPU unless given), as python -m router_upcycling.train")
     return parser
