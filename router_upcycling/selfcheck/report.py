@@ -26,7 +26,11 @@ def _installed_version(names) -> Optional[str]:
 
 
 def _git(*args: str) -> str:
-    result = subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True)
+    """git's answer about this checkout; empty where git or the checkout is missing (an installed package)."""
+    try:
+        result = subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True)
+    except OSError:
+        return ""
     return result.stdout.strip() if result.returncode == 0 else ""
 
 

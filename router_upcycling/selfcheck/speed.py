@@ -31,8 +31,8 @@ def synthetic_batches(micro_batch_size: int, seq_length: int, vocab_size: int, d
 
 
 def calibration_speed(size: Size) -> dict:
-    """Tokens per second of router_upcycling.init.calibration's average-key pass on a random float32 dense model
-    of the size (float32, as `upcycle` runs it), after one warm-up batch; documents come from a small local tokenizer."""
+    """Tokens per second of router_upcycling.init.calibration's average-key pass over a random dense model of the
+    size in float32 (as `upcycle` runs it), after one warm-up batch; tokenization by a small local tokenizer included."""
     from transformers import Qwen2ForCausalLM
 
     from router_upcycling.convert.upcycle import CalibrationSettings
