@@ -8,7 +8,6 @@ Prints the median and fastest step time of each router (measured interleaved, al
 first, so machine noise hits both alike) and their ratios; the target is MoR / linear <= 1.02.
 """
 import argparse
-import itertools
 import statistics
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 
 from router_upcycling.mcore.model import MoESettings
 from router_upcycling.mcore.parallel import current_device, initialize_distributed
+from router_upcycling.selfcheck.speed import synthetic_batches
 from router_upcycling.train.arguments import build_parser
 from router_upcycling.train.build import ModelSource, build_model, wrap_for_training
 from router_upcycling.train.step import make_forward_step, train_step
@@ -29,14 +29,6 @@ def hf_config(hidden: int, layers: int, heads: int, vocab: int) -> dict:
     return {"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
             "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True}
-
-
-def batches(micro: int, seq: int, vocab: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (micro, seq + 1), generator=generator)
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(micro, seq),
-             "position_ids": torch.arange(seq)[None].expand(micro, seq)}
-    return itertools.repeat(batch)
 
 
 def main() -> None:
@@ -72,8 +64,8 @@ def main() -> None:
         for router in order:
             model, optimizer = runs[router]
             start = time.perf_counter()
-            train_step(model, optimizer, batches(bench.micro, bench.seq, bench.vocab), forward_step_func, 1, train_args,
-                       current_device())
+            train_step(model, optimizer, synthetic_batches(bench.micro, bench.seq, bench.vocab, current_device()),
+                       forward_step_func, 1, train_args, current_device())
             if step >= bench.warmup:
                 times[router].append(time.perf_counter() - start)
 

@@ -113,6 +113,13 @@ def moe_layer_spec(moe: MoESettings, use_transformer_engine: bool = False, moe_g
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm)
+        # Both specs must read and write the same checkpoint keys. The local spec stores its pre-MLP norm under the
+        # name of the norm Transformer Engine fuses into a dense layer's fc1 ("mlp.linear_fc1.layer_norm_weight");
+        # megatron-core's TE MoE spec keeps a separate norm and stores it as "pre_mlp_layernorm.weight". Mapping it
+        # to the local name lets upcycled checkpoints (written with local layers) load into TE layers and back.
+        spec.submodules.sharded_state_dict_keys_map = {
+            **spec.submodules.sharded_state_dict_keys_map, "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+        }
     else:
         spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm, normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
