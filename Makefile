@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 PYTHON_LATEST ?= python3.12
 VENV_LATEST := .venv-mcore-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
-# the tests that touch megatron-core: router, model, converter, training, export
-MCORE_TESTS := tests/test_mor_math.py tests/mcore tests/convert tests/train tests/hf
+# the tests that touch megatron-core: router, model, converter, training, export, self-check
+MCORE_TESTS := tests/test_mor_math.py tests/mcore tests/convert tests/train tests/hf tests/test_selfcheck.py
 
 .PHONY: setup test demo clean setup-latest test-latest
 
