@@ -10,6 +10,7 @@ aux loss, z-loss and expert bias stay megatron-core's own `routing()`.
 | linear  | megatron-core's TopKRouter, unchanged     | weight [N, d]                  |
 | mlp     | fc2(gelu(fc1 x)), d -> d -> N             | fc1.weight [d, d], fc2.weight [N, d] |
 | switch  | linear, top-1 (see SwitchRouter)          | weight [N, d]                  |
+| locmoe  | LocMoE's GrAP: ReLU(mean of channel group i) | none                        |
 
 Top-1 routing (switch, or any router with topk = 1) keeps a unit expert scale; see UnitScaleTop1Mixin.
 
@@ -23,10 +24,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from router_upcycling.mor import mor_expert_logits, num_router_keys
+from router_upcycling.mor import check_grap_split, grap_expert_logits, locality_loss, mor_expert_logits, num_router_keys
 
 
 def _accepted_by_topk_router(kwargs: dict) -> dict:
@@ -150,4 +152,52 @@ class SwitchRouter(UnitScaleTop1Mixin, TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, **_accepted_by_topk_router(kwargs))
 
 
-ROUTER_TYPES = ("mor", "linear", "mlp", "switch")
+class LocMoERouter(UnitScaleTop1Mixin, TopKRouter):
+    """LocMoE's GrAP gate (arXiv 2401.13920): logit i = ReLU(mean of the input's channel group i), no
+    parameters; megatron-core's top-k, softmax over the chosen logits and load-balancing loss follow.
+
+    Locality loss (`locality_coeff` mu > 0): mu * KL(mean routing distribution || uniform), see
+    router_upcycling.mor.locality_loss. With no router parameters its gradient reaches the model through
+    the router input only. It is attached to the logits as megatron-core attaches its z-loss (same token
+    scope, tensor/context-parallel scaling and per-token-loss scaling) and logged as "locality_loss".
+    """
+
+    def __init__(self, config: TransformerConfig, pg_collection=None, *, locality_coeff: float = 0.0, **kwargs) -> None:
+        check_grap_split(config.hidden_size, config.num_moe_experts)
+        self.locality_coeff = locality_coeff
+        super().__init__(config=config, pg_collection=pg_collection, **_accepted_by_topk_router(kwargs))
+
+    def reset_parameters(self) -> None:
+        """No gate weight: GrAP's pooling weights (1/g over group i) are fixed."""
+        self.weight = None
+        self.bias = None
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Expert logits [..., N] (float32) for router input [..., d]."""
+        logits = grap_expert_logits(input.reshape(-1, input.shape[-1]).float(), self.config.num_moe_experts)
+        return logits.view(*input.shape[:-1], -1)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if self.locality_coeff > 0 and self.training and torch.is_grad_enabled():
+            logits = self.apply_locality_loss(logits, padding_mask)
+        return super().routing(logits, padding_mask=padding_mask)
+
+    def apply_locality_loss(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attach mu * locality_loss to the logits [s, b, N] for the backward pass and record it for logging.
+
+        Like megatron-core's z-loss: the loss is over this rank's tokens (padding_mask [s, b], True = padding,
+        excluded); mu is divided by the tensor x context-parallel size, whose ranks hold disjoint token slices.
+        """
+        coeff = self.locality_coeff / self.tp_cp_group.size()
+        flat = logits.reshape(-1, self.config.num_moe_experts)  # [T, N]
+        if padding_mask is not None:
+            flat = flat[~padding_mask.reshape(-1)]
+        loss = coeff * locality_loss(flat)
+        # megatron-core scales per-token losses by the token count in finalize_model_grads; undo it as its z-loss does
+        logits = MoEAuxLossAutoScaler.apply(logits, loss * flat.shape[0] if self.calculate_per_token_loss else loss)
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        save_to_aux_losses_tracker("locality_loss", loss / coeff, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
+        return logits
+
+
+ROUTER_TYPES = ("mor", "linear", "mlp", "switch", "locmoe")
