@@ -147,19 +147,28 @@ def grap_expert_logits(x: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.relu(x.view(x.shape[0], num_experts, -1).mean(-1))  # [T, N, g] -> [T, N]
 
 
-def locality_loss(logits: torch.Tensor) -> torch.Tensor:
-    """KL(mean routing distribution || uniform): the project's reading of LocMoE's locality loss with data
-    parallelism only (every expert is local, so the paper's local-routing target is uniform over all experts).
-
-    The routing distribution of a token is the softmax over all N logits (not only the chosen top-k); the
-    mean is over the T tokens: p = mean_t softmax(z_t), loss = sum_i p_i log(N p_i), 0 when p is uniform.
+def routing_distribution(logits: torch.Tensor) -> torch.Tensor:
+    """Each token's routing distribution over all N experts (not only its top-k): softmax of the logits.
 
     Args:
         logits: z [T, N].
 
     Returns:
-        scalar, in float32 or the logits' dtype when that is wider.
+        p [T, N], in float32 or the logits' dtype when that is wider.
     """
-    num_experts = logits.shape[-1]
-    mean_probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).mean(0)  # [N]
-    return torch.xlogy(mean_probs, mean_probs * num_experts).sum()
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
+def locality_loss(mean_probs: torch.Tensor) -> torch.Tensor:
+    """KL(mean routing distribution || uniform): the project's reading of LocMoE's locality loss with data
+    parallelism only (every expert is local, so the paper's local-routing target is uniform over all experts).
+
+    loss = sum_i p_i log(N p_i), 0 when p is uniform, log N when every token goes to one expert.
+
+    Args:
+        mean_probs: p [N], the mean over tokens of `routing_distribution`.
+
+    Returns:
+        scalar.
+    """
+    return torch.xlogy(mean_probs, mean_probs * mean_probs.shape[-1]).sum()

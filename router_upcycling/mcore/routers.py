@@ -24,11 +24,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from router_upcycling.mor import check_grap_split, grap_expert_logits, locality_loss, mor_expert_logits, num_router_keys
+from router_upcycling.mor import (
+    check_grap_split, grap_expert_logits, locality_loss, mor_expert_logits, num_router_keys, routing_distribution,
+)
 
 
 def _accepted_by_topk_router(kwargs: dict) -> dict:
@@ -156,10 +159,10 @@ class LocMoERouter(UnitScaleTop1Mixin, TopKRouter):
     """LocMoE's GrAP gate (arXiv 2401.13920): logit i = ReLU(mean of the input's channel group i), no
     parameters; megatron-core's top-k, softmax over the chosen logits and load-balancing loss follow.
 
-    Locality loss (`locality_coeff` mu > 0): mu * KL(mean routing distribution || uniform), see
-    router_upcycling.mor.locality_loss. With no router parameters its gradient reaches the model through
-    the router input only. It is attached to the logits as megatron-core attaches its z-loss (same token
-    scope, tensor/context-parallel scaling and per-token-loss scaling) and logged as "locality_loss".
+    Locality loss (`locality_coeff` mu > 0): mu * KL(mean routing distribution || uniform) per micro-batch, see
+    router_upcycling.mor.locality_loss. With no router parameters its gradient reaches the model through the
+    router input only. It is attached to the logits as megatron-core attaches its z-loss (MoEAuxLossAutoScaler)
+    and logged as "locality_loss" (the KL, without mu).
     """
 
     def __init__(self, config: TransformerConfig, pg_collection=None, *, locality_coeff: float = 0.0, **kwargs) -> None:
@@ -185,18 +188,24 @@ class LocMoERouter(UnitScaleTop1Mixin, TopKRouter):
     def apply_locality_loss(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attach mu * locality_loss to the logits [s, b, N] for the backward pass and record it for logging.
 
-        Like megatron-core's z-loss: the loss is over this rank's tokens (padding_mask [s, b], True = padding,
-        excluded); mu is divided by the tensor x context-parallel size, whose ranks hold disjoint token slices.
+        The mean routing distribution is over the micro-batch's tokens (padding_mask [s, b], True = padding, as
+        megatron-core's z-loss reads it). With sequence or context parallelism each rank holds a slice of those
+        tokens: the per-expert sums are all-reduced over that group (backward: identity), so every rank computes
+        the micro-batch's loss and gives its own tokens their exact gradient, whatever the layout.
         """
-        coeff = self.locality_coeff / self.tp_cp_group.size()
         flat = logits.reshape(-1, self.config.num_moe_experts)  # [T, N]
         if padding_mask is not None:
             flat = flat[~padding_mask.reshape(-1)]
-        loss = coeff * locality_loss(flat)
-        # megatron-core scales per-token losses by the token count in finalize_model_grads; undo it as its z-loss does
-        logits = MoEAuxLossAutoScaler.apply(logits, loss * flat.shape[0] if self.calculate_per_token_loss else loss)
+        probs_sum = reduce_from_tensor_model_parallel_region(routing_distribution(flat).sum(0), group=self.tp_cp_group)
+        num_tokens = torch.tensor(float(flat.shape[0]), device=flat.device)
+        if self.tp_cp_group.size() > 1:
+            torch.distributed.all_reduce(num_tokens, group=self.tp_cp_group)
+        kl = locality_loss(probs_sum / num_tokens)
+        loss = self.locality_coeff * kl
+        # as megatron-core's aux losses: finalize_model_grads divides per-token losses by the token count
+        logits = MoEAuxLossAutoScaler.apply(logits, loss * num_tokens if self.calculate_per_token_loss else loss)
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        save_to_aux_losses_tracker("locality_loss", loss / coeff, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
+        save_to_aux_losses_tracker("locality_loss", kl, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
         return logits
 
 

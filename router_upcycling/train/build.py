@@ -119,7 +119,6 @@ def build_model(args: argparse.Namespace, source: ModelSource) -> torch.nn.Modul
     from megatron.core.utils import init_method_normal
 
     check_layout_fits_model(args, source.hf_config, source.moe)
-    check_router_flags(args, source.moe)
     config = transformer_config(
         source.hf_config, source.moe,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,

@@ -14,7 +14,7 @@ from router_upcycling.mcore.parallel import (
     current_device, default_peak_flops, initialize_distributed, memory_figures, shutdown_distributed,
 )
 from router_upcycling.train.arguments import parse_args
-from router_upcycling.train.build import build_model, resolve_model_source, wrap_for_training
+from router_upcycling.train.build import build_model, check_router_flags, resolve_model_source, wrap_for_training
 from router_upcycling.train.checkpointing import (
     ExitSignal, check_save_dir, describe_layout, load_checkpoint, parallel_layout, prepare_save_dir, resumes_in_place,
     save_checkpoint,
@@ -38,6 +38,7 @@ def moe_losses(num_microbatches: int, num_layers: int) -> dict:
 def train(args: argparse.Namespace) -> None:
     # files are checked before any process group exists, so bad input fails fast on every rank alike
     source = resolve_model_source(args)
+    check_router_flags(args, source.moe)
     parse_blend(args.data_path)
     if args.save:
         check_save_dir(args.save, source.resume_dir)

@@ -6,7 +6,7 @@ import torch
 from distributed import run_distributed
 from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
 from router_upcycling.mcore.model import MoESettings, build_gpt_model, causal_attention_mask, transformer_config
-from router_upcycling.mor import grap_expert_logits, locality_loss, mor_expert_logits
+from router_upcycling.mor import grap_expert_logits, locality_loss, mor_expert_logits, routing_distribution
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2, tiny_qwen2_config
 
 HF_CONFIG = tiny_qwen2_config(vocab_size=256, num_heads=8, num_kv_heads=4).to_dict()
@@ -172,7 +172,8 @@ def test_locmoe_locality_loss_reaches_the_router_input_and_is_logged():
     assert expected.abs().max() > 1e-4  # a real gradient (each entry carries 1 / (T g) = 1 / 192)
     torch.testing.assert_close(x.grad.double().reshape(12, 64), 0.3 * expected, rtol=1e-5, atol=1e-9)
     logged = get_moe_layer_wise_logging_tracker()["locality_loss"]["values"]
-    torch.testing.assert_close(logged, torch.tensor([0.0, locality_loss(router.gating(x.detach()).view(12, 4)).item()]))
+    expected_kl = locality_loss(routing_distribution(router.gating(x.detach()).view(12, 4)).mean(0))
+    torch.testing.assert_close(logged, torch.tensor([0.0, expected_kl.item()]))
     clear_aux_losses_tracker()
     router.eval()
     with torch.no_grad():
