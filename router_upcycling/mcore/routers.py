@@ -4,13 +4,13 @@ Each is a `TopKRouter` subclass that replaces only what differs: parameter creat
 `gating()` (the logits). Top-k selection, softmax over the chosen logits, the load-balancing
 aux loss, z-loss and expert bias stay megatron-core's own `routing()`.
 
-| router  | logits (computed in float32)             | parameters (model dtype)       |
-|---------|------------------------------------------|--------------------------------|
-| mor     | Mixture-of-Routers (router_upcycling.mor) | query_weight [R, d_r, d], keys [K, d_r] |
-| linear  | megatron-core's TopKRouter, unchanged     | weight [N, d]                  |
-| mlp     | fc2(gelu(fc1 x)), d -> d -> N             | fc1.weight [d, d], fc2.weight [N, d] |
-| switch  | linear, top-1 (see SwitchRouter)          | weight [N, d]                  |
-| locmoe  | LocMoE's GrAP: ReLU(mean of channel group i) | none                        |
+| router | logits (computed in float32)                 | parameters (model dtype)                |
+|--------|----------------------------------------------|-----------------------------------------|
+| mor    | Mixture-of-Routers (router_upcycling.mor)    | query_weight [R, d_r, d], keys [K, d_r] |
+| linear | megatron-core's TopKRouter, unchanged        | weight [N, d]                           |
+| mlp    | fc2(gelu(fc1 x)), d -> d -> N                | fc1.weight [d, d], fc2.weight [N, d]    |
+| switch | linear, top-1 (see SwitchRouter)             | weight [N, d]                           |
+| locmoe | LocMoE's GrAP: ReLU(mean of channel group i) | none (see LocMoERouter)                 |
 
 Top-1 routing (switch, or any router with topk = 1) keeps a unit expert scale; see UnitScaleTop1Mixin.
 
