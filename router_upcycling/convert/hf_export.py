@@ -136,8 +136,9 @@ def stock_gate_refusal(moe: dict) -> Optional[str]:
     if router == "mor":
         reason = router_math.fold_reason(moe["num_keys"], moe["num_experts"], moe["aggregation"])
         return reason and f"a stock Qwen2-MoE gate cannot express this Mixture-of-Routers: {reason}; export the 'mor' format"
-    return (f"a stock Qwen2-MoE gate is linear and cannot express the '{router}' router (the {router} router is a "
-            "2-layer GELU network); export the 'mor' format")
+    why = {"mlp": "the mlp router is a 2-layer GELU network",
+           "locmoe": "its GrAP gate takes the ReLU of channel-group means, and ReLU is not linear"}[router]
+    return f"a stock Qwen2-MoE gate is linear and cannot express the '{router}' router ({why}); export the 'mor' format"
 
 
 def folded_gate(tensors: dict[str, torch.Tensor], layer: int, moe: dict) -> torch.Tensor:

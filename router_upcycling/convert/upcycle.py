@@ -17,6 +17,7 @@ from router_upcycling.convert.hf_source import ConversionError, load_dense_tenso
 from router_upcycling.convert.mapping import EXPERT_RULES, dense_tensor_names, expand, map_dense_to_mcore
 from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
 from router_upcycling.mcore.model import MoESettings, head_dim
+from router_upcycling.mor import check_grap_split
 from router_upcycling.outputs import refuse_existing, staged_output
 
 log = logging.getLogger("router_upcycling.upcycle")
@@ -32,6 +33,12 @@ class CalibrationSettings:
 
 
 def check_router_settings(hf_config: dict, moe: MoESettings) -> None:
+    """Refuse router settings the initialisation or the router's math cannot follow, naming the counts that work."""
+    if moe.router == "locmoe":
+        try:
+            check_grap_split(hf_config["hidden_size"], moe.num_experts)
+        except ValueError as err:
+            raise ConversionError(f"--num-experts {moe.num_experts}: {err}") from None
     if moe.router != "mor":
         return
     from router_upcycling.init.grouping import RouterCountError, check_router_count

@@ -124,6 +124,8 @@ def train_line(record: Dict, train_iters: int) -> str:
         parts.append(f"lb loss {record['load_balancing_loss']:.4f}")
     if record.get("z_loss") is not None:
         parts.append(f"z loss {record['z_loss']:.4f}")
+    if record.get("locality_loss") is not None:
+        parts.append(f"locality loss {record['locality_loss']:.4f}")
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
     parts.append(f"host mem {record['host_memory_mb']:.0f} MB")

@@ -36,10 +36,12 @@ CASES = [
     ("gqa_untied", MoESettings(router="linear", num_experts=4, topk=2)),
     ("mha_tied", MoESettings(router="mlp", num_experts=4, topk=2)),
     ("gqa_tied", MoESettings(router="switch", num_experts=4)),
+    ("gqa_untied", MoESettings(router="locmoe", num_experts=4, topk=2)),
+    ("mha_tied", MoESettings(router="locmoe", num_experts=8, topk=1)),
 ]
 
 
-@pytest.mark.parametrize("model_name,moe", CASES, ids=lambda c: c if isinstance(c, str) else f"{c.router}-R{c.num_routers}-{c.aggregation}")
+@pytest.mark.parametrize("model_name,moe", CASES, ids=lambda c: c if isinstance(c, str) else f"{c.router}-R{c.num_routers}-N{c.num_experts}-k{c.topk}-{c.aggregation}")
 def test_upcycled_model_computes_dense_logits(tmp_path, dense_models, calib_file, model_name, moe):
     calib = CalibrationSettings(files=[calib_file], tokens=200, seq_length=16)
     checkpoint = upcycle(dense_models[model_name], str(tmp_path / "moe"), moe, calib, dtype="fp32", progress=False)

@@ -106,6 +106,42 @@ def test_bad_blend_and_foreign_save_folder_are_refused(inputs, straight_run, tmp
     assert open(os.path.join(straight_run, "metrics.jsonl")).read() == before
 
 
+def from_scratch_flags(inputs, save, *extra) -> list:
+    flags = train_flags(inputs, save, "--eval-iters", "0", *extra)
+    flags[flags.index("--pretrained-checkpoint"):flags.index("--pretrained-checkpoint") + 2] = [
+        "--from-scratch", "--model-config", inputs["dense"]]
+    return flags
+
+
+def test_from_scratch_locmoe_trains_with_its_locality_loss(inputs, tmp_path):
+    """LocMoE's parameter-free GrAP router with a locality loss strong enough to steer training, on 1 rank and
+    on 2 tensor-parallel ranks with sequence parallelism (each holds half of a micro-batch's tokens): the locality
+    loss is logged every step and is the micro-batch's on every layout, so both runs learn alike."""
+    records = {}
+    for layout, nproc, extra in (("one rank", 1, []), ("tp2", 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])):
+        save = tmp_path / layout.replace(" ", "_")
+        flags = from_scratch_flags(inputs, save, "--moe-router-type", "locmoe", "--locmoe-locality-coeff", "10", *extra)
+        flags[flags.index("--train-iters") + 1] = "3"
+        assert "locality loss" in run(flags, nproc=nproc)
+        assert json.loads(open(os.path.join(save, "router_upcycling.json")).read())["moe"]["router"] == "locmoe"
+        records[layout] = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+    for one, tp in zip(records["one rank"], records["tp2"], strict=True):
+        assert 0 < one["locality_loss"] < 0.1 and one["load_balancing_loss"] > 0, one
+        assert abs(one["locality_loss"] - tp["locality_loss"]) < 1e-6, (one, tp)
+        assert abs(one["grad_norm"] - tp["grad_norm"]) < 1e-4 and abs(one["lm_loss"] - tp["lm_loss"]) < 1e-5, (one, tp)
+    assert [r["step"] for r in records["tp2"]] == [1, 2, 3]
+
+
+def test_locmoe_flags_that_cannot_apply_are_refused(inputs, tmp_path, capsys):
+    flags = from_scratch_flags(inputs, tmp_path / "run", "--moe-router-type", "locmoe", "--num-experts", "6")
+    error = user_error(flags, capsys)
+    assert "--num-experts 6: " in error and "hidden size 64" in error and "expert counts that work: 2, 4, 8, 16, 32, 64" in error
+    flags = train_flags(inputs, tmp_path / "run", "--locmoe-locality-coeff", "0.1")
+    assert "applies to the locmoe router only; this model's router is mor" in user_error(flags, capsys)
+    assert "must be at least 0" in user_error(from_scratch_flags(inputs, tmp_path / "run", "--locmoe-locality-coeff", "-1"), capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_config_key_fails_in_the_real_cli_without_traceback(inputs, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("seq-length: 32\nlearning_rate: 0.1\n")
