@@ -39,22 +39,25 @@ def sums_width(num_experts: int) -> int:
 def routing_sums(logits: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
     """What one router call adds to its layer's row: logits [..., N], routing_map [T, N] (bool) -> [W] float64.
 
+    Per-token arithmetic in float32 (megatron-core computes router logits in float32), sums in float64.
     Runs on the logits' device without a host sync (no boolean indexing, no Python numbers from tensors).
     """
     num_experts = routing_map.shape[-1]
-    logits = logits.detach().reshape(-1, num_experts).double()  # [T, N]
+    logits = logits.detach().reshape(-1, num_experts).float()  # [T, N]
     chosen = routing_map.reshape(-1, num_experts)
     chosen_logits = logits.masked_fill(~chosen, -math.inf)
-    top1 = torch.exp(chosen_logits.max(-1).values - chosen_logits.logsumexp(-1))  # [T]; NaN where nothing was chosen
+    # softmax over the chosen experts, shifted by their own largest logit: its largest weight is 1 / sum(exp(z - max))
+    top1 = (chosen_logits - chosen_logits.amax(-1, keepdim=True)).exp().sum(-1).reciprocal()  # [T]; NaN if none chosen
     routed = chosen.any(-1)
+    f64 = torch.float64
     return torch.cat([
-        chosen.sum(0, dtype=torch.float64),
-        torch.softmax(logits, -1).sum(0),
-        torch.where(routed, top1, 0.0).sum().view(1),
-        routed.sum(dtype=torch.float64).view(1),
-        logits.sum().view(1),
-        logits.square().sum().view(1),
-        logits.new_full((1,), logits.shape[0]),
+        chosen.sum(0, dtype=f64),
+        torch.softmax(logits, -1).sum(0, dtype=f64),
+        torch.where(routed, top1, 0.0).sum(dtype=f64).view(1),
+        routed.sum(dtype=f64).view(1),
+        logits.sum(dtype=f64).view(1),
+        logits.double().square().sum().view(1),
+        logits.new_full((1,), logits.shape[0], dtype=f64),
     ])
 
 

@@ -51,7 +51,7 @@ def test_health_matches_a_direct_computation(num_experts, k):
     assert list(health) == list(HEALTH_KEYS)
     assert isinstance(health["dead_experts"], int) and health["dead_experts"] == expected["dead_experts"]
     for key in ("max_share", "top1_weight", "logit_std", "entropy"):
-        assert health[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+        assert health[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key  # float32 per token
     assert 1 / num_experts <= health["max_share"] <= 1 and 1 / k <= health["top1_weight"] <= 1
     assert 0 <= health["entropy"] <= math.log(num_experts)
 
@@ -81,5 +81,5 @@ def test_sums_take_any_logit_layout_and_dtype():
     routing_map = top_k_map(logits.reshape(-1, 4), 2)
     flat = routing_sums(logits.reshape(-1, 4).double(), routing_map)
     assert flat.shape == (sums_width(4),) and flat.dtype == torch.float64
-    torch.testing.assert_close(routing_sums(logits, routing_map), flat)
+    torch.testing.assert_close(routing_sums(logits, routing_map), flat, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(routing_sums(logits.bfloat16(), routing_map), routing_sums(logits.bfloat16().float(), routing_map))
