@@ -113,7 +113,7 @@ def train(args: argparse.Namespace) -> None:
                 "mfu": steps * flops_per_step / elapsed / (peak_flops * world) if peak_flops else None,
                 "eta_sec": (args.train_iters - iteration) * elapsed / steps,
                 "consumed_samples": consumed,
-                "expert_token_share": routing.shares(),
+                **routing.report(),
                 **memory_figures(),
             }
             writer.write(record, train_line(record, args.train_iters))

@@ -150,7 +150,8 @@ def test_tokenizer_and_model_card_travel(root, tmp_path):
     original, exported = AutoTokenizer.from_pretrained(str(root / "dense")), AutoTokenizer.from_pretrained(folder)
     assert exported(text).input_ids == original(text).input_ids and exported.decode(exported(text).input_ids) == text
     card = open(os.path.join(folder, "README.md")).read()
-    assert str(root / "dense") in card and "256" in card
+    used = json.loads(open(os.path.join(checkpoint, "router_upcycling.json")).read())["calibration"]["tokens"]
+    assert str(root / "dense") in card and f"| calibration tokens | {used} (256 asked for: the calibration text ran out) |" in card
 
 
 def run_export(*args):

@@ -2,6 +2,7 @@
 checkpoint folder, exact resume, SIGTERM checkpoints and bad input (tests/train/training_runs.py has the
 tiny model). Parallel layouts and resharding: test_train_layouts.py."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from router_upcycling.mcore.checkpoint import read_tracker, resolve_iteration_dir
+from router_upcycling.routing_stats import HEALTH_KEYS
 from training_runs import STEPS, launch, run, train_flags, train_losses
 
 def test_straight_run_learns_and_writes_the_folder_contract(straight_run):
@@ -38,13 +40,25 @@ def test_straight_run_learns_and_writes_the_folder_contract(straight_run):
     assert 50 < step["host_memory_mb"] < 8000
     shares = torch.tensor(step["expert_token_share"])
     assert shares.shape == (2, 4) and torch.allclose(shares.sum(-1), torch.ones(2), atol=1e-3)
+    check_routing_health(step["routing_health"], shares, num_experts=4, topk=2)
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+
+
+def check_routing_health(health, shares, num_experts, topk):
+    """One dict per layer, every number within its range, max_share and dead experts as the token shares say."""
+    assert [list(layer) for layer in health] == [list(HEALTH_KEYS)] * len(shares)
+    for layer, layer_shares in zip(health, shares):
+        assert layer["max_share"] == pytest.approx(layer_shares.max().item(), abs=2e-5)
+        assert 1 / num_experts - 1e-4 <= layer["max_share"] <= 1
+        assert layer["dead_experts"] == int((layer_shares < 0.1 / num_experts).sum())
+        assert 1 / topk - 1e-4 <= layer["top1_weight"] <= 1
+        assert layer["logit_std"] > 0 and 0 <= layer["entropy"] <= math.log(num_experts) + 1e-4
 
 
 def test_resume_equals_straight_run_exactly(inputs, straight_run, resumable_at_8):
     save = resumable_at_8
     output = run(train_flags(inputs, save, "--load", str(save)))
-    assert "resuming at step 8" in output
+    assert "resuming at step 8" in output and "| max share 0." in output
     straight, resumed = train_losses(straight_run), train_losses(save)
     assert [resumed[step] for step in range(1, STEPS + 1)] == [straight[step] for step in range(1, STEPS + 1)]
 
