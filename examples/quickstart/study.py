@@ -117,23 +117,24 @@ class Study(Pipeline):
         self.train(run.name, seed, run)
 
     def run_study(self, selected: List[str]) -> None:
+        """One run at a time for every seed, in the table's order, and the table rewritten after each, so a
+        study stopped early still reports every row that finished (the long dense model's rows come last)."""
         self.corpus()
         self.dense()
         self.data()
         catalogue = runs()
-        if any(catalogue[name].dense == "dense-long" for name in selected):
-            self.long_dense()
-        needs_scale = [name for name in selected if MATCHED in catalogue[name].upcycle_flags]
+        order = [name for name in catalogue if name in selected]  # vanilla and mor first: the matched scale needs them
         for seed in self.seeds:
-            for name in selected:
-                if name not in needs_scale:
-                    self.run_one(catalogue[name], seed, 1.0)
+            for name in ("vanilla", "mor"):
+                self.run_one(catalogue[name], seed, 1.0)
         scale = self.matched_scale(self.seeds[0])
-        for seed in self.seeds:
-            for name in needs_scale:
+        step0 = {name: self.step0_health(catalogue[name], self.seeds[0]) for name in ("vanilla", "mor")}
+        for name in order:
+            if catalogue[name].dense == "dense-long":
+                self.long_dense()
+            for seed in self.seeds:
                 self.run_one(catalogue[name], seed, scale)
-        write_study(self.layout.root, self.seeds, selected, scale,
-                    {name: self.step0_health(catalogue[name], self.seeds[0]) for name in ("vanilla", "mor")})
+            write_study(self.layout.root, self.seeds, selected, scale, step0)
 
 
 def records(save: Path) -> List[dict]:
