@@ -110,31 +110,32 @@ class Study(Pipeline):
         mor = self.step0_health(catalogue["mor"], seed)["routing_health"]
         return statistics.mean(layer["logit_std"] for layer in vanilla) / statistics.mean(layer["logit_std"] for layer in mor)
 
-    def run_one(self, run: RunSpec, seed: int, scale: float) -> None:
+    def run_one(self, run: RunSpec, seed: int, scale: Optional[float]) -> None:
         if MATCHED in run.upcycle_flags:
             run = replace(run, upcycle_flags=tuple(f"{scale:.6g}" if f == MATCHED else f for f in run.upcycle_flags))
         self.upcycle(run.name, seed, run)
         self.train(run.name, seed, run)
 
     def run_study(self, selected: List[str]) -> None:
-        """One run at a time for every seed, in the table's order, and the table rewritten after each, so a
-        study stopped early still reports every row that finished (the long dense model's rows come last)."""
+        """Every run of one seed, then the next seed, the table rewritten after each run, so a study stopped
+        early still reports every row it reached (vanilla and mor come first: the matched scale and the
+        step-0 health need them; the long dense model is trained when its first run needs it)."""
         self.corpus()
         self.dense()
         self.data()
         catalogue = runs()
-        order = [name for name in catalogue if name in selected]  # vanilla and mor first: the matched scale needs them
+        order = [name for name in catalogue if name in selected]
+        scale, step0 = None, None
         for seed in self.seeds:
-            for name in ("vanilla", "mor"):
-                self.run_one(catalogue[name], seed, 1.0)
-        scale = self.matched_scale(self.seeds[0])
-        step0 = {name: self.step0_health(catalogue[name], self.seeds[0]) for name in ("vanilla", "mor")}
-        for name in order:
-            if catalogue[name].dense == "dense-long":
-                self.long_dense()
-            for seed in self.seeds:
+            for name in order:
+                if catalogue[name].dense == "dense-long":
+                    self.long_dense()
                 self.run_one(catalogue[name], seed, scale)
-            write_study(self.layout.root, self.seeds, selected, scale, step0)
+                if scale is None and {"vanilla", "mor"} <= set(order[:order.index(name) + 1]):
+                    scale = self.matched_scale(self.seeds[0])
+                    step0 = {run: self.step0_health(catalogue[run], self.seeds[0]) for run in ("vanilla", "mor")}
+                if step0 is not None:
+                    write_study(self.layout.root, self.seeds, selected, scale, step0)
 
 
 def records(save: Path) -> List[dict]:
