@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 demo: setup
 	$(PY) -m examples.quickstart.run --output runs/quickstart
@@ -41,7 +41,7 @@ $(VENV_LATEST)/.installed: setup.py ci/megatron-core-latest.txt
 setup-latest: $(VENV_LATEST)/.installed
 
 test-latest: setup-latest
-	$(PY_LATEST) -m pytest -q $(MCORE_TESTS)
+	$(PY_LATEST) -m pytest -q --durations=10 $(MCORE_TESTS)
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) *.egg-info
