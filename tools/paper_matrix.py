@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from router_upcycling.cli import user_errors  # noqa: E402
 from router_upcycling.paper import slurm  # noqa: E402
 from router_upcycling.paper.matrix import (  # noqa: E402
-    Inputs, RunLayout, advance_run, check_inputs, parse_dense_models, show_commands, status_line,
+    Inputs, RunLayout, advance_run, check_inputs, check_started_with, parse_dense_models, show_commands, status_line,
 )
 from router_upcycling.paper.recipes import RUN_NAMES, check_run_names, load_recipe  # noqa: E402
 
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
         inputs = Inputs(dense_models=parse_dense_models(args.dense_model), calib_data=args.calib_data, data_path=args.data_path,
                         output_root=args.output_root, eval_data_dir=args.eval_data_dir, routing_domains=args.routing_domain)
         check_inputs(inputs, recipes, required=not args.dry_run)
+        for recipe in recipes:
+            check_started_with(recipe, inputs, args.dry_run)
         recorded = [job for recipe in recipes if args.output_root
                     for job in RunLayout(args.output_root, recipe.name).recorded_jobs().values()]
         active = slurm.active_jobs(recorded)

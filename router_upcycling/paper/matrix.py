@@ -222,15 +222,25 @@ def plan_run(recipe: Recipe, layout: Optional[RunLayout], active: Dict[str, slur
     return list(states.values())
 
 
-def check_settings(layout: RunLayout, settings: dict) -> None:
-    """A run folder holds one run: refuse to continue it with other settings."""
-    if not layout.recipe.is_file():
+def run_settings(recipe: Recipe, inputs: Inputs) -> dict:
+    """What ROOT/NAME/recipe.yaml records: the resolved recipe and the inputs the run reads."""
+    return {"recipe": recipe.as_dict(), "inputs": inputs.as_dict(recipe)}
+
+
+def check_started_with(recipe: Recipe, inputs: Inputs, dry_run: bool) -> None:
+    """A run folder holds one run: refuse to go on with other settings than it started with (a dry run, which
+    may leave the paths out, compares the recipe only)."""
+    if inputs.output_root is None or not RunLayout(inputs.output_root, recipe.name).recipe.is_file():
         return
-    before = yaml.safe_load(layout.recipe.read_text())
-    if before != settings:
-        key = next(k for k in sorted(set(_flat(before)) | set(_flat(settings))) if _flat(before).get(k) != _flat(settings).get(k))
-        raise MatrixError(f"{layout.dir} was started with other settings ({key}: {_flat(before).get(key)!r} -> "
-                          f"{_flat(settings).get(key)!r}); rerun with the same ones or use another --output-root")
+    layout = RunLayout(inputs.output_root, recipe.name)
+    before, now = yaml.safe_load(layout.recipe.read_text()), run_settings(recipe, inputs)
+    if dry_run:
+        before, now = before["recipe"], now["recipe"]
+    before, now = _flat(before), _flat(now)
+    changed = [key for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if changed:
+        raise MatrixError(f"{layout.dir} was started with other settings ({changed[0]}: {before.get(changed[0])!r} -> "
+                          f"{now.get(changed[0])!r}); rerun with the same ones or use another --output-root")
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -242,14 +252,12 @@ def _flat(tree, prefix: str = "") -> dict:
 def advance_run(recipe: Recipe, inputs: Inputs, active: Dict[str, slurm.JobStatus], sbatch_args: List[str],
                 dry_run: bool, note: Callable[[str], None]) -> List[StageState]:
     """Submit the run's stages that are not done and have no live job, each after the stage it needs; returns
-    the states to print. A dry run submits and writes nothing."""
+    the states to print. A dry run submits and writes nothing. Check the run folder first (check_started_with)."""
     layout = RunLayout(inputs.output_root, recipe.name) if inputs.output_root else None
     states = plan_run(recipe, layout, active)
     if dry_run or not any(state.state == "todo" for state in states):
         return states
-    settings = {"recipe": recipe.as_dict(), "inputs": inputs.as_dict(recipe)}
-    check_settings(layout, settings)
-    _write_atomic(layout.recipe, yaml.safe_dump(settings, sort_keys=False))
+    _write_atomic(layout.recipe, yaml.safe_dump(run_settings(recipe, inputs), sort_keys=False))
     _write_atomic(layout.train_config, yaml.safe_dump(recipe.train, sort_keys=False))
     layout.logs.mkdir(parents=True, exist_ok=True)
     jobs = stage_jobs(recipe, layout, inputs, sbatch_args)

@@ -4,8 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from router_upcycling.paper.matrix import RunLayout, StageState, plan_run
+from router_upcycling.paper.matrix import Inputs, RunLayout, StageState, plan_run, run_settings
 from router_upcycling.paper.recipes import RUN_NAMES, load_recipe
 from router_upcycling.paper.slurm import JobStatus
 
@@ -116,3 +117,13 @@ def test_a_job_that_died_is_submitted_again_with_every_stage_waiting_on_it(tmp_p
 def test_without_an_output_root_everything_is_to_do():
     plan = plan_run(load_recipe("scratch"), None, {})
     assert plan == [StageState(stage, "todo") for stage in ("train", "export", "eval", "routing")]
+
+
+def test_a_run_folder_is_not_continued_with_other_settings(tmp_path):
+    layout = RunLayout(str(tmp_path), "mor")
+    layout.dir.mkdir()
+    layout.recipe.write_text(yaml.safe_dump(run_settings(load_recipe("mor", "toy_cpu"), Inputs(output_root=str(tmp_path)))))
+    same = matrix("--runs", "mor", "--dry-run", "--profile", "toy_cpu", "--output-root", tmp_path)
+    assert same.returncode == 0 and same.stdout.split()[1:] == [f"{s}:todo" for s in ("upcycle", "train", "export", "eval", "routing")]
+    longer = matrix("--runs", "mor", "--dry-run", "--profile", "toy_cpu", "--train-iters", "6", "--output-root", tmp_path)
+    assert_one_line_error(longer, f"{layout.dir} was started with other settings (train.train-iters: 4 -> 6)")
