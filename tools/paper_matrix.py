@@ -22,9 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from router_upcycling.cli import user_errors  # noqa: E402
 from router_upcycling.paper import slurm  # noqa: E402
-from router_upcycling.paper.matrix import (  # noqa: E402
-    Inputs, RunLayout, advance_run, check_inputs, check_started_with, parse_dense_models, show_commands, status_line,
-)
+from router_upcycling.paper.inputs import check_inputs, inputs_from_arguments  # noqa: E402
+from router_upcycling.paper.matrix import RunLayout, advance_run, check_started_with, show_commands, status_line  # noqa: E402
 from router_upcycling.paper.recipes import RUN_NAMES, check_run_names, load_recipe  # noqa: E402
 
 
@@ -66,14 +65,14 @@ def main(argv=None) -> int:
         names = check_run_names(args.runs)
         overrides = [*args.set, *([f"train.train-iters={args.train_iters}"] if args.train_iters else [])]
         recipes = [load_recipe(name, args.profile, overrides) for name in names]
-        inputs = Inputs(dense_models=parse_dense_models(args.dense_model), calib_data=args.calib_data, data_path=args.data_path,
-                        output_root=args.output_root, eval_data_dir=args.eval_data_dir, routing_domains=args.routing_domain)
+        inputs = inputs_from_arguments(args.dense_model, args.calib_data, args.data_path, args.output_root,
+                                       args.eval_data_dir, args.routing_domain)
         check_inputs(inputs, recipes, required=not args.dry_run)
-        for recipe in recipes:
-            check_started_with(recipe, inputs, args.dry_run)
-        recorded = [job for recipe in recipes if args.output_root
-                    for job in RunLayout(args.output_root, recipe.name).recorded_jobs().values()]
+        recorded = [job for recipe in recipes if inputs.output_root
+                    for job in RunLayout(inputs.output_root, recipe.name).recorded_jobs().values()]
         active = slurm.active_jobs(recorded)
+        for recipe in recipes:
+            check_started_with(recipe, inputs, active, args.dry_run)
         sbatch_args = shlex.split(args.sbatch_args)
         width = max(map(len, names))
         for recipe in recipes:

@@ -5,7 +5,7 @@ import json
 import math
 import os
 import statistics
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 

@@ -11,99 +11,30 @@ Stages and the durable marker that says each is done (under ROOT/NAME/):
 train waits for upcycle, export for train, eval and routing for export (`afterok`). A stage is submitted
 when it is not done and has no job that is still queued or running (squeue); a job that ended without
 its marker is submitted again, and so is every later stage, whose pending jobs waited on the dead one.
-ROOT/NAME/jobs.json records the job of each stage; ROOT/NAME/recipe.yaml the settings the run started
-with (a rerun with other settings is refused); ROOT/NAME/train.yaml the training flags (`--config`).
+ROOT/NAME/jobs.json records the job of each stage; ROOT/NAME/recipe.yaml the settings of the last submission
+(a rerun may change the settings of stages that have not started, no others); ROOT/NAME/train.yaml the
+training flags (`--config`).
 """
 import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import yaml
 
-from router_upcycling.errors import UserError
 from router_upcycling.mcore.checkpoint import read_tracker
 from router_upcycling.paper import slurm
-from router_upcycling.paper.recipes import Recipe, flag_argv, is_number
+from router_upcycling.paper.inputs import Inputs, MatrixError, placeholder
+from router_upcycling.paper.recipes import Recipe, flag_argv
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SBATCH = "scripts/slurm/paper_train.sbatch"
 STAGE_SBATCH = "scripts/slurm/paper_stage.sbatch"
 CONVERT = "tools/convert_checkpoint.py"
 AFTER = {"train": "upcycle", "export": "train", "eval": "export", "routing": "export"}
-
-
-class MatrixError(UserError):
-    """Missing or wrong inputs, or an output root that holds a run with other settings."""
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What the runs read and where they write; None or empty where not given (a dry run shows placeholders)."""
-
-    dense_models: Dict[str, str] = field(default_factory=dict)   # backbone name -> dense HF folder
-    calib_data: List[str] = field(default_factory=list)
-    data_path: List[str] = field(default_factory=list)           # indexed prefix(es), or a weighted blend
-    output_root: Optional[str] = None
-    eval_data_dir: Optional[str] = None
-    routing_domains: List[str] = field(default_factory=list)     # NAME=FILE
-
-    def dense(self, backbone: str) -> str:
-        return self.dense_models.get(backbone, f"<dense {backbone}>")
-
-    def as_dict(self, recipe: Recipe) -> dict:
-        """The inputs a run uses, as recorded in its recipe.yaml."""
-        return {"dense-model": self.dense(recipe.backbone), "calib-data": self.calib_data if recipe.needs_calibration else [],
-                "data-path": self.data_path, "eval-data-dir": self.eval_data_dir, "routing-domains": self.routing_domains}
-
-
-def parse_dense_models(specs: List[str]) -> Dict[str, str]:
-    """--dense-model BACKBONE=FOLDER arguments as {backbone: folder}."""
-    models = {}
-    for spec in specs:
-        backbone, sep, folder = spec.partition("=")
-        if not (sep and backbone and folder):
-            raise MatrixError(f"--dense-model expects BACKBONE=FOLDER (e.g. Qwen1.5-0.5B=/models/Qwen1.5-0.5B), got {spec!r}")
-        models[backbone] = folder
-    return models
-
-
-def _placeholder(values: List[str], name: str) -> List[str]:
-    return values or [f"<{name}>"]
-
-
-def check_inputs(inputs: Inputs, recipes: List[Recipe], required: bool) -> None:
-    """Given paths must exist; with `required` (a real run) every path the runs need must be given."""
-    def need(given: bool, flag: str) -> None:
-        if required and not given:
-            raise MatrixError(f"{flag} is required (or use --dry-run)")
-
-    need(inputs.output_root is not None, "--output-root")
-    for backbone in dict.fromkeys(recipe.backbone for recipe in recipes):
-        need(backbone in inputs.dense_models, f"--dense-model {backbone}=FOLDER")
-        if backbone in inputs.dense_models and not Path(inputs.dense_models[backbone], "config.json").is_file():
-            raise MatrixError(f"--dense-model {backbone}: no Hugging Face model (config.json) in {inputs.dense_models[backbone]}")
-    need(bool(inputs.calib_data) or not any(recipe.needs_calibration for recipe in recipes), "--calib-data")
-    for path in inputs.calib_data:
-        if not Path(path).exists():
-            raise MatrixError(f"--calib-data {path}: not found")
-    need(bool(inputs.data_path), "--data-path")
-    for prefix in inputs.data_path:
-        if not is_number(prefix) and not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
-            raise MatrixError(f"--data-path {prefix}: {prefix}.bin and .idx not found (write them with tools/preprocess_data.py)")
-    need(inputs.eval_data_dir is not None, "--eval-data-dir")
-    if inputs.eval_data_dir is not None and not Path(inputs.eval_data_dir).is_dir():
-        raise MatrixError(f"--eval-data-dir {inputs.eval_data_dir}: not a folder (write it with tools/mirror_eval_data.py)")
-    need(bool(inputs.routing_domains), "--routing-domain NAME=FILE")
-    for spec in inputs.routing_domains:
-        name, sep, path = spec.partition("=")
-        if not (sep and name and path):
-            raise MatrixError(f"--routing-domain expects NAME=FILE, got {spec!r}")
-        if not Path(path).exists():
-            raise MatrixError(f"--routing-domain {spec}: {path} not found")
 
 
 class RunLayout:
@@ -166,7 +97,7 @@ class StageJob:
 def stage_jobs(recipe: Recipe, layout: RunLayout, inputs: Inputs, sbatch_args: List[str]) -> Dict[str, StageJob]:
     """The sbatch call of every stage of the run."""
     dense = inputs.dense(recipe.backbone)
-    data = _placeholder(inputs.data_path, "data-path")
+    data = placeholder(inputs.data_path, "data-path")
 
     def job(stage: str, script: str, args: List[str], env: Optional[Dict[str, str]] = None) -> StageJob:
         options = [f"--job-name=paper-{recipe.name}-{stage}", f"--output={layout.logs}/{stage}-%j.log",
@@ -175,7 +106,7 @@ def stage_jobs(recipe: Recipe, layout: RunLayout, inputs: Inputs, sbatch_args: L
 
     jobs = {}
     if recipe.upcycle is not None:
-        calib = ["--calib-data", *_placeholder(inputs.calib_data, "calib-data")] if recipe.needs_calibration else []
+        calib = ["--calib-data", *placeholder(inputs.calib_data, "calib-data")] if recipe.needs_calibration else []
         jobs["upcycle"] = job("upcycle", STAGE_SBATCH, [CONVERT, "upcycle", "--hf-model", dense, "--output", str(layout.upcycled),
                                                         *calib, *flag_argv(recipe.upcycle)])
     source = ["--model-config", dense] if recipe.upcycle is None else ["--pretrained-checkpoint", str(layout.upcycled)]
@@ -187,7 +118,7 @@ def stage_jobs(recipe: Recipe, layout: RunLayout, inputs: Inputs, sbatch_args: L
     jobs["eval"] = job("eval", STAGE_SBATCH, ["router_upcycling.eval", "--model", str(layout.hf), "--data-dir",
                                               inputs.eval_data_dir or "<eval-data-dir>", "--output", str(layout.results),
                                               *flag_argv(recipe.eval)])
-    domains = [word for spec in _placeholder(inputs.routing_domains, "NAME=FILE") for word in ("--domain", spec)]
+    domains = [word for spec in placeholder(inputs.routing_domains, "NAME=FILE") for word in ("--domain", spec)]
     jobs["routing"] = job("routing", STAGE_SBATCH, ["router_upcycling.analyze", "routing", "--model", str(layout.hf), *domains,
                                                     "--output", str(layout.routing), *flag_argv(recipe.routing)])
     return jobs
@@ -227,20 +158,47 @@ def run_settings(recipe: Recipe, inputs: Inputs) -> dict:
     return {"recipe": recipe.as_dict(), "inputs": inputs.as_dict(recipe)}
 
 
-def check_started_with(recipe: Recipe, inputs: Inputs, dry_run: bool) -> None:
-    """A run folder holds one run: refuse to go on with other settings than it started with (a dry run, which
-    may leave the paths out, compares the recipe only)."""
-    if inputs.output_root is None or not RunLayout(inputs.output_root, recipe.name).recipe.is_file():
+# what each stage's output depends on (keys of recipe.yaml), besides what the stages before it depend on
+DEPENDS_ON = {
+    "upcycle": ["recipe.backbone", "recipe.upcycle", "inputs.dense-model", "inputs.calib-data"],
+    "train": ["recipe.backbone", "recipe.train", "inputs.dense-model", "inputs.data-path"],
+    "export": ["recipe.export"],
+    "eval": ["recipe.eval", "inputs.eval-data-dir"],
+    "routing": ["recipe.routing", "inputs.routing-domains"],
+}
+
+
+def depends_on(stage: str) -> List[str]:
+    """The recipe.yaml keys a stage's output depends on, through the stages before it."""
+    before = depends_on(AFTER[stage]) if stage in AFTER else []
+    return before + [key for key in DEPENDS_ON[stage] if key not in before]
+
+
+def check_started_with(recipe: Recipe, inputs: Inputs, active: Dict[str, slurm.JobStatus], dry_run: bool) -> None:
+    """Refuse settings that differ from those a started stage (done, queued, running, or training with a
+    checkpoint) was submitted with; stages not started yet take the new ones. A dry run, which may leave the
+    paths out, compares the recipe only."""
+    layout = RunLayout(inputs.output_root, recipe.name) if inputs.output_root else None
+    if layout is None or not layout.recipe.is_file():
         return
-    layout = RunLayout(inputs.output_root, recipe.name)
     before, now = yaml.safe_load(layout.recipe.read_text()), run_settings(recipe, inputs)
-    if dry_run:
-        before, now = before["recipe"], now["recipe"]
-    before, now = _flat(before), _flat(now)
-    changed = [key for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
-    if changed:
-        raise MatrixError(f"{layout.dir} was started with other settings ({changed[0]}: {before.get(changed[0])!r} -> "
-                          f"{now.get(changed[0])!r}); rerun with the same ones or use another --output-root")
+    for state in plan_run(recipe, layout, active):
+        if state.state == "todo" and not (state.stage == "train" and read_tracker(str(layout.train))):
+            continue
+        for key in depends_on(state.stage):
+            if dry_run and key.startswith("inputs."):
+                continue
+            old, new = _flat(_get(before, key), key), _flat(_get(now, key), key)
+            changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if changed:
+                raise MatrixError(f"{layout.dir}: its {state.stage} stage started with other settings ({changed[0]}: "
+                                  f"{old.get(changed[0])!r} -> {new.get(changed[0])!r}); rerun with those or use another --output-root")
+
+
+def _get(tree: dict, key: str):
+    for part in key.split("."):
+        tree = (tree or {}).get(part)
+    return tree
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -270,7 +228,7 @@ def advance_run(recipe: Recipe, inputs: Inputs, active: Dict[str, slurm.JobStatu
         if state.replaces:
             slurm.cancel(state.replaces)
         elif recorded.get(state.stage):
-            note(f"{recipe.name}: the {state.stage} job {recorded[state.stage]} ended before its stage was done "
+            note(f"{recipe.name}: the {state.stage} job {recorded[state.stage]} has ended and its stage is not done "
                  f"(log: {layout.logs}/{state.stage}-{recorded[state.stage]}.log); submitting it again")
         upstream = by_stage.get(AFTER.get(state.stage, ""))
         job = jobs[state.stage]

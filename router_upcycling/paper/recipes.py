@@ -28,9 +28,8 @@ from router_upcycling.eval.report import PAPER_TABLES
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "paper"
 PROFILE_DIR = CONFIG_DIR / "profiles"
-FLAG_SECTIONS = ("upcycle", "train", "export", "eval", "routing")
-STAGES = ("upcycle", "train", "export", "eval", "routing")
-KEYS = {"base", "backbone", "train-config", "slurm", "train-processes-per-node", *FLAG_SECTIONS}
+STAGES = ("upcycle", "train", "export", "eval", "routing")  # each has a section of flags and one of sbatch options
+KEYS = {"base", "backbone", "train-config", "slurm", "train-processes-per-node", *STAGES}
 
 # every run of the paper's tables, in table order
 RUN_NAMES: List[str] = list(dict.fromkeys(run for _, columns in PAPER_TABLES.values() for run, _ in columns))
@@ -101,7 +100,7 @@ def _read_yaml(path: Path) -> dict:
     unknown = sorted(set(data) - KEYS)
     if unknown:
         raise RecipeError(f"{path}: unknown key {unknown[0]!r}; expected some of {', '.join(sorted(KEYS))}")
-    for section in FLAG_SECTIONS:
+    for section in STAGES:
         if section in data and data[section] is not None and not isinstance(data[section], dict):
             raise RecipeError(f"{path}: {section} must be a mapping of flags to values")
         if isinstance(data.get(section), dict):
@@ -142,8 +141,8 @@ def parse_override(text: str) -> dict:
     """`SECTION.FLAG=VALUE` (VALUE read as YAML: 4, 1e-4, true, [0.8, 0.9]) as a nested mapping."""
     key, sep, value = text.partition("=")
     section, dot, flag = key.partition(".")
-    if not sep or not dot or not flag or section not in FLAG_SECTIONS:
-        raise RecipeError(f"--set expects SECTION.FLAG=VALUE with SECTION one of {', '.join(FLAG_SECTIONS)}; got {text!r}")
+    if not sep or not dot or not flag or section not in STAGES:
+        raise RecipeError(f"--set expects SECTION.FLAG=VALUE with SECTION one of {', '.join(STAGES)}; got {text!r}")
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:

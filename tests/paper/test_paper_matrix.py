@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router_upcycling.paper.matrix import Inputs, RunLayout, StageState, plan_run, run_settings
+from router_upcycling.paper.inputs import Inputs, MatrixError
+from router_upcycling.paper.matrix import RunLayout, StageState, check_started_with, plan_run, run_settings
 from router_upcycling.paper.recipes import RUN_NAMES, load_recipe
 from router_upcycling.paper.slurm import JobStatus
 
@@ -119,11 +120,20 @@ def test_without_an_output_root_everything_is_to_do():
     assert plan == [StageState(stage, "todo") for stage in ("train", "export", "eval", "routing")]
 
 
-def test_a_run_folder_is_not_continued_with_other_settings(tmp_path):
+def test_stages_that_started_keep_their_settings(tmp_path):
     layout = RunLayout(str(tmp_path), "mor")
     layout.dir.mkdir()
-    layout.recipe.write_text(yaml.safe_dump(run_settings(load_recipe("mor", "toy_cpu"), Inputs(output_root=str(tmp_path)))))
-    same = matrix("--runs", "mor", "--dry-run", "--profile", "toy_cpu", "--output-root", tmp_path)
-    assert same.returncode == 0 and same.stdout.split()[1:] == [f"{s}:todo" for s in ("upcycle", "train", "export", "eval", "routing")]
-    longer = matrix("--runs", "mor", "--dry-run", "--profile", "toy_cpu", "--train-iters", "6", "--output-root", tmp_path)
-    assert_one_line_error(longer, f"{layout.dir} was started with other settings (train.train-iters: 4 -> 6)")
+    inputs = Inputs(output_root=str(tmp_path))
+    layout.recipe.write_text(yaml.safe_dump(run_settings(load_recipe("mor", "toy_cpu"), inputs)))
+
+    def check(*overrides):
+        check_started_with(load_recipe("mor", "toy_cpu", overrides), inputs, {}, dry_run=True)
+
+    check("train.train-iters=6")  # nothing started yet: new settings are taken
+    mark_done(layout, "upcycle")
+    mark_done(layout, "train", iteration="2")  # training has a checkpoint
+    check("eval.limit=3", "routing.max-tokens=128")  # eval and routing have not started
+    with pytest.raises(MatrixError, match=r"its upcycle stage started with other settings \(recipe.upcycle.calib-tokens: 1024 -> 2048\)"):
+        check("upcycle.calib-tokens=2048")
+    result = matrix("--runs", "mor", "--dry-run", "--profile", "toy_cpu", "--train-iters", "6", "--output-root", tmp_path)
+    assert_one_line_error(result, f"{layout.dir}: its train stage started with other settings (recipe.train.train-iters: 4 -> 6)")
