@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import yaml
 
 from router_upcycling.mcore.checkpoint import read_tracker
+from router_upcycling.outputs import write_text_atomic
 from router_upcycling.paper import slurm
 from router_upcycling.paper.inputs import Inputs, MatrixError, placeholder
 from router_upcycling.paper.recipes import Recipe, flag_argv
@@ -67,14 +68,7 @@ class RunLayout:
         return json.loads(self.jobs.read_text()) if self.jobs.is_file() else {}
 
     def record_job(self, stage: str, job_id: str) -> None:
-        _write_atomic(self.jobs, json.dumps({**self.recorded_jobs(), stage: job_id}, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_text_atomic(str(self.jobs), json.dumps({**self.recorded_jobs(), stage: job_id}, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -215,8 +209,8 @@ def advance_run(recipe: Recipe, inputs: Inputs, active: Dict[str, slurm.JobStatu
     states = plan_run(recipe, layout, active)
     if dry_run or not any(state.state == "todo" for state in states):
         return states
-    _write_atomic(layout.recipe, yaml.safe_dump(run_settings(recipe, inputs), sort_keys=False))
-    _write_atomic(layout.train_config, yaml.safe_dump(recipe.train, sort_keys=False))
+    write_text_atomic(str(layout.recipe), yaml.safe_dump(run_settings(recipe, inputs), sort_keys=False))
+    write_text_atomic(str(layout.train_config), yaml.safe_dump(recipe.train, sort_keys=False))
     layout.logs.mkdir(parents=True, exist_ok=True)
     jobs = stage_jobs(recipe, layout, inputs, sbatch_args)
     recorded = layout.recorded_jobs()
