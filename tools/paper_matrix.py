@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"'all' or run names (configs/paper/NAME.yaml): {', '.join(RUN_NAMES)}")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (and, with --show-commands, the sbatch "
                         "lines); submit and write nothing. Paths not given show as <placeholders>")
-    parser.add_argument("--show-commands", action="store_true", help="also print the sbatch command of every stage to submit")
+    parser.add_argument("--show-commands", action="store_true", help="with --dry-run: also print the sbatch command of "
+                        "every stage it would submit")
     paths = parser.add_argument_group("inputs and outputs (all required unless --dry-run)")
     paths.add_argument("--dense-model", action="append", default=[], metavar="BACKBONE=FOLDER",
                        help="the dense Hugging Face folder of a backbone the runs name (Qwen1.5-0.5B; Qwen1.5-1.8B for "

@@ -8,8 +8,9 @@ from typing import Dict, List, Optional
 
 import yaml
 
+from router_upcycling.errors import UserError
 from router_upcycling.eval.report import GROUP_LABELS, PAPER_TABLES, load_results, paper_column, result_column
-from router_upcycling.eval.tasks import SUITE
+from router_upcycling.eval.tasks import SUITE, EvalError
 from router_upcycling.paper.matrix import RunLayout
 from router_upcycling.train.metrics import read_metrics
 
@@ -53,6 +54,16 @@ def trained_on(layout: RunLayout, results: Optional[dict]) -> str:
     return text + (f"; {limit} rows/task" if limit else "")
 
 
+def read_results(layout: RunLayout) -> Optional[dict]:
+    """The run's results.json, None before its eval has run."""
+    if not layout.results.is_file():
+        return None
+    try:
+        return load_results(str(layout.results))
+    except EvalError as err:  # the eval's own error type is not a UserError
+        raise UserError(str(err)) from None
+
+
 def table_markdown(number: int, root: str) -> str:
     """Table NUMBER: one row per run, each cell ours / paper (difference); the runs' training and eval sizes last."""
     title, runs = PAPER_TABLES[number]
@@ -60,7 +71,7 @@ def table_markdown(number: int, root: str) -> str:
     lines = [f"## Table {number}: {title}", "", header, "|---|" + "---:|" * len(COLUMNS) + "---|"]
     for run, label in runs:
         layout = RunLayout(root, run)
-        results = load_results(str(layout.results)) if layout.results.is_file() else None
+        results = read_results(layout)
         ours = result_column(results) if results else {}
         paper = paper_column(run)
         cells = " | ".join(cell(ours.get(key), paper[key]) for key, _ in COLUMNS)

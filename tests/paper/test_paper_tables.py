@@ -63,6 +63,10 @@ def test_an_empty_root_gives_empty_tables_and_outputs_are_not_overwritten(tmp_pa
     assert "No run of this table has training metrics yet." in (tmp_path / "out" / "tables.md").read_text()
     again = tables("--output-root", tmp_path / "runs", "--output", tmp_path / "out")
     assert again.returncode != 0 and again.stderr.startswith("error:") and "--force" in again.stderr
+    (tmp_path / "runs" / "mor").mkdir()
+    (tmp_path / "runs" / "mor" / "results.json").write_text("{not json")
+    broken = tables("--output-root", tmp_path / "runs", "--output", tmp_path / "out2")
+    assert broken.returncode != 0 and broken.stderr.startswith("error:") and "results.json is not JSON" in broken.stderr
     missing = tables("--output-root", tmp_path / "nowhere", "--output", tmp_path / "out2")
     assert missing.returncode != 0 and missing.stderr.strip() == f"error: --output-root {tmp_path / 'nowhere'}: not a folder"
     assert not (tmp_path / "out2").exists()
