@@ -1,4 +1,5 @@
 """Shared command-line behaviour."""
+import argparse
 import contextlib
 import logging
 import sys
@@ -18,6 +19,14 @@ def user_errors():
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose bad-flag message is the same one `error: ...` line as every other user error (no usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -1,6 +1,6 @@
-"""Mixture-of-Routers scoring: the router math of Router Upcycling, pure torch.
+"""Router math, pure torch: Router Upcycling's Mixture-of-Routers scoring, and LocMoE's GrAP gate.
 
-This file is the math's one home. The megatron-core router, the converter and the exported
+This file is the math's one home. The megatron-core routers, the converter and the exported
 Hugging Face model all call it; an exported `mor` folder carries a verbatim copy of this file
 beside its modeling file, so it must import nothing but torch.
 
@@ -8,6 +8,7 @@ Shape legend
     T  tokens                 d   hidden size (router input)
     R  routers per layer      d_r router dim (= H * d_h / R)
     K  expert keys per layer  N   experts per layer, K = max(R, N), N divides K
+    g  GrAP group size, d / N
 
 Key-to-expert map: expert i holds keys {i, i + N, i + 2N, ...} (K / N keys each). With R >= N
 these are router keys {i, i+N, ...}; with R < N there are N keys, key j initialised from
@@ -109,3 +110,65 @@ def fold_to_linear_gate(query_weight: torch.Tensor, keys: torch.Tensor, num_expe
         raise ValueError(f"this router has no linear-gate form: {reason}")
     gate = keys @ query_weight.sum(0)
     return gate * scale if scale != 1.0 else gate
+
+
+# ---------------------------------------------------------------- LocMoE (arXiv 2401.13920)
+
+GRAP_MAX_EXPERTS = 256  # the largest expert count a GrAP refusal suggests
+
+
+def grap_expert_counts(hidden_size: int, max_experts: int = GRAP_MAX_EXPERTS) -> list[int]:
+    """Expert counts N in [2, max_experts] that cut `hidden_size` channels into equal GrAP groups."""
+    return [n for n in range(2, min(hidden_size, max_experts) + 1) if hidden_size % n == 0]
+
+
+def check_grap_split(hidden_size: int, num_experts: int) -> None:
+    """Raise ValueError, naming the expert counts that work, unless N divides d."""
+    if hidden_size % num_experts:
+        counts = ", ".join(map(str, grap_expert_counts(hidden_size)))
+        raise ValueError(f"the LocMoE (GrAP) gate cuts the hidden size {hidden_size} into one equal channel group per "
+                         f"expert, and {num_experts} does not divide it; expert counts that work: {counts}")
+
+
+def grap_expert_logits(x: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """LocMoE's GrAP gate (section 3.2, Eq. 4): z_i = ReLU(mean of channel group i), no parameters.
+
+    The router input's d channels are cut into N contiguous groups of g = d / N channels; group i is
+    channels i*g ... (i+1)*g - 1. The paper's epsilon is never defined and is left out.
+
+    Args:
+        x: router input [T, d], d a multiple of num_experts.
+        num_experts: N.
+
+    Returns:
+        z [T, N].
+    """
+    check_grap_split(x.shape[-1], num_experts)
+    return torch.relu(x.view(x.shape[0], num_experts, -1).mean(-1))  # [T, N, g] -> [T, N]
+
+
+def routing_distribution(logits: torch.Tensor) -> torch.Tensor:
+    """Each token's routing distribution over all N experts (not only its top-k): softmax of the logits.
+
+    Args:
+        logits: z [T, N].
+
+    Returns:
+        p [T, N], in float32 or the logits' dtype when that is wider.
+    """
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
+def locality_loss(mean_probs: torch.Tensor) -> torch.Tensor:
+    """KL(mean routing distribution || uniform): the project's reading of LocMoE's locality loss with data
+    parallelism only (every expert is local, so the paper's local-routing target is uniform over all experts).
+
+    loss = sum_i p_i log(N p_i), 0 when p is uniform, log N when every token goes to one expert.
+
+    Args:
+        mean_probs: p [N], the mean over tokens of `routing_distribution`.
+
+    Returns:
+        scalar.
+    """
+    return torch.xlogy(mean_probs, mean_probs * mean_probs.shape[-1]).sum()

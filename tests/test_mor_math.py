@@ -1,9 +1,13 @@
-"""Router math against a direct loop over routers, keys and experts (method.md part 3)."""
+"""Router math against direct loops: Mixture-of-Routers over routers, keys and experts (method.md part 3);
+LocMoE's GrAP gate over channel groups and its locality loss, with a finite-difference gradient check."""
+import math
+
 import pytest
 import torch
 
 from router_upcycling.mor import (
-    can_fold, expert_key_indices, fold_reason, fold_to_linear_gate, key_scores, mor_expert_logits, num_router_keys,
+    can_fold, check_grap_split, expert_key_indices, fold_reason, fold_to_linear_gate, grap_expert_counts,
+    grap_expert_logits, key_scores, locality_loss, mor_expert_logits, num_router_keys, routing_distribution,
 )
 
 
@@ -61,3 +65,64 @@ def test_fold_refuses_nonlinear_routers():
 def test_unknown_aggregation():
     with pytest.raises(ValueError, match="unknown router aggregation"):
         key_scores(torch.zeros(1, 4), torch.zeros(2, 2, 4), torch.zeros(2, 2), "mean")
+
+
+def grap_loop_reference(x, num_experts):
+    """z[t, i] = max(0, (1/g) * sum of x[t, c] over group i's channels c = i*g ... (i+1)*g - 1)."""
+    group = x.shape[1] // num_experts
+    logits = torch.empty(x.shape[0], num_experts, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for i in range(num_experts):
+            logits[t, i] = max(0.0, sum(x[t, c].item() for c in range(i * group, (i + 1) * group)) / group)
+    return logits
+
+
+@pytest.mark.parametrize("hidden,num_experts", [(24, 4), (24, 8), (24, 24), (30, 5), (16, 1)])
+def test_grap_logits_match_loop_reference(hidden, num_experts):
+    x = torch.randn(9, hidden, generator=torch.Generator().manual_seed(hidden + num_experts), dtype=torch.float64)
+    logits = grap_expert_logits(x, num_experts)
+    assert logits.shape == (9, num_experts) and (logits >= 0).all() and (logits == 0).any()
+    torch.testing.assert_close(logits, grap_loop_reference(x, num_experts), rtol=1e-12, atol=1e-12)
+
+
+def test_grap_refuses_hidden_sizes_the_expert_count_does_not_divide():
+    assert grap_expert_counts(12) == [2, 3, 4, 6, 12]
+    assert grap_expert_counts(896)[-3:] == [112, 128, 224] and 512 not in grap_expert_counts(1024)
+    with pytest.raises(ValueError, match="896 into .*12 does not divide it; expert counts that work: 2, 4, 7, 8, 14"):
+        check_grap_split(896, 12)
+    with pytest.raises(ValueError, match="expert counts that work"):
+        grap_expert_logits(torch.zeros(3, 10), 4)
+
+
+def locality_loop_reference(logits):
+    """sum_i p_i log(p_i / (1/N)) with p_i the mean over tokens of softmax_i(z_t), written out."""
+    tokens, num_experts = logits.shape
+    mean = [0.0] * num_experts
+    for t in range(tokens):
+        exps = [math.exp(z) for z in logits[t].tolist()]
+        for i in range(num_experts):
+            mean[i] += exps[i] / sum(exps) / tokens
+    return sum(p * math.log(p * num_experts) for p in mean)
+
+
+def locality(logits):
+    return locality_loss(routing_distribution(logits).mean(0))
+
+
+def test_locality_loss_is_kl_of_mean_routing_distribution_to_uniform():
+    logits = torch.randn(11, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3
+    assert locality(logits).item() == pytest.approx(locality_loop_reference(logits), rel=1e-12)
+    assert locality(torch.zeros(5, 4)).item() == 0.0  # uniform routing
+    # every token on expert 0 with certainty: KL(one-hot || uniform) = log N
+    assert locality(torch.tensor([[60.0, 0.0, 0.0, 0.0]] * 3)).item() == pytest.approx(math.log(4), rel=1e-6)
+    assert routing_distribution(logits.bfloat16()).dtype == torch.float32 and routing_distribution(logits).dtype == torch.float64
+
+
+def test_locality_gradient_through_grap_matches_finite_differences():
+    """The term's only path into the model is the router input x: autograd's d/dx against central differences."""
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = x + 0.1 * torch.sign(x.view(6, 4, 5).mean(-1, keepdim=True)).expand(6, 4, 5).reshape(6, 20)  # no group mean near ReLU's kink
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda inp: locality(grap_expert_logits(inp, 4)), (x,), eps=1e-6, atol=1e-8)
+    gradient, = torch.autograd.grad(locality(grap_expert_logits(x, 4)), x)
+    assert gradient.abs().sum() > 0

@@ -22,11 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--output", required=True, help="checkpoint folder to write (written to a temporary folder, then renamed)")
     up.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (N); each starts as a copy of the dense FFN")
     up.add_argument("--topk", type=int, default=2, help="experts per token (k); the switch router always uses 1")
-    up.add_argument("--router", choices=["mor", "linear", "mlp", "switch"], default="mor",
+    up.add_argument("--router", choices=["mor", "linear", "mlp", "switch", "locmoe"], default="mor",
                     help="mor: Mixture-of-Routers from attention (Router Upcycling); linear: random linear gate "
-                         "(vanilla upcycling); mlp: 2-layer GELU MLP; switch: top-1 Switch router")
+                         "(vanilla upcycling); mlp: 2-layer GELU MLP; switch: top-1 Switch router; locmoe: LocMoE's "
+                         "parameter-free GrAP gate (the hidden size must be a multiple of --num-experts; its locality "
+                         "loss is the training flag --locmoe-locality-coeff)")
     up.add_argument("--num-routers", type=int, default=None, help="routers per layer (R) for mor; default: the number of experts")
     up.add_argument("--router-aggregation", choices=["sum", "max"], default="sum", help="how mor combines the routers' scores")
+    up.add_argument("--router-scale", type=float, default=1.0, help="mor: multiply the expert logits by this (default 1.0, "
+                    "the paper's: no scaling); see docs/results.md for why a smaller scale can help small models")
     up.add_argument("--calib-data", nargs="+", default=[], metavar="PATH",
                     help="calibration text for mor's average keys: .jsonl (--calib-json-key field), .txt, or a local dataset folder")
     up.add_argument("--calib-json-key", default="text", help="JSON field holding the text in .jsonl calibration files")
@@ -64,7 +68,7 @@ def run_upcycle(args) -> int:
     from router_upcycling.mcore.model import MoESettings
 
     moe = MoESettings(num_experts=args.num_experts, topk=args.topk, router=args.router,
-                      num_routers=args.num_routers, aggregation=args.router_aggregation)
+                      num_routers=args.num_routers, aggregation=args.router_aggregation, router_scale=args.router_scale)
     calib = CalibrationSettings(files=args.calib_data, json_key=args.calib_json_key, tokens=args.calib_tokens,
                                 seq_length=args.calib_seq_length, batch_size=args.calib_batch_size)
     path = upcycle(args.hf_model, args.output, moe, calib, dtype=args.dtype, seed=args.seed, force=args.force)

@@ -169,7 +169,14 @@ def corpus_section(stats: dict) -> str:
             + markdown_table(["domain", "train documents", "train characters", "held-out documents", "held-out characters"], rows))
 
 
-def models_section(dense: dict, settings, pretrain_loss: float) -> str:
+def calibration_text(calibration: dict) -> str:
+    """The calibration tokens the checkpoint records as used, and the count asked for when the text ran out first."""
+    text = f"{calibration['tokens']:,} calibration tokens"
+    requested = calibration.get("requested_tokens", calibration["tokens"])
+    return text if requested == calibration["tokens"] else f"{text} ({requested:,} asked for: the training text ran out)"
+
+
+def models_section(dense: dict, settings, pretrain_loss: float, calibration: dict) -> str:
     return (f"- dense: Qwen2ForCausalLM, hidden {dense['hidden_size']}, {dense['num_layers']} layers, {dense['num_heads']} "
             f"heads, FFN {dense['intermediate_size']}, tied embeddings, byte-level BPE vocabulary {dense['vocab_size']}; "
             f"trained from scratch for {dense['steps']} steps of {dense['batch_size']} x {dense['seq_length']} tokens "
@@ -177,7 +184,7 @@ def models_section(dense: dict, settings, pretrain_loss: float) -> str:
             f"- upcycled twice to {settings.num_experts} experts, top-{settings.topk} (`tools/convert_checkpoint.py upcycle "
             f"--dtype fp32`): **vanilla** = random linear router (`--router linear`); **Router Upcycling** = "
             f"{settings.num_experts} routers initialised from the attention heads' queries and the average keys of "
-            f"{settings.calib_tokens:,} calibration tokens (`--router mor`).\n"
+            f"{calibration_text(calibration)} (`--router mor`).\n"
             f"- continued training (`python -m router_upcycling.train`, {settings.nproc} ranks): {settings.train_iters} "
             f"steps of {settings.global_batch_size} x {dense['seq_length']} tokens, lr {settings.lr} (warmup "
             f"{settings.lr_warmup_iters}, then the step schedule), same data order and seed for both runs; validation "
@@ -210,6 +217,7 @@ def write_quickstart_report(layout, settings, seeds: Sequence[int], timings: Dic
     evaluation = json.loads(layout.evaluation.read_text())
     routing = {name: routing_summary(str(layout.routing(name) / "routing.json")) for name in RUN_LABELS}
     dense = json.loads((layout.dense / "pretrain_settings.json").read_text())
+    calibration = json.loads((layout.upcycled("mor", main_seed) / "router_upcycling.json").read_text())["calibration"]
     pretrain_log = [json.loads(line) for line in (layout.dense / "pretrain_log.jsonl").read_text().splitlines()]
     finals = {name: read_metrics(path)[1] for name, path in metrics.items()}
     final_val = {name: valid[max(valid)] for name, valid in finals.items() if valid}
@@ -224,7 +232,7 @@ def write_quickstart_report(layout, settings, seeds: Sequence[int], timings: Dic
     sections = {
         "Summary": summary,
         "Corpus": corpus_section(json.loads((layout.corpus / "stats.json").read_text())),
-        "Models": models_section(dense, settings, pretrain_log[-1]["loss"]),
+        "Models": models_section(dense, settings, pretrain_log[-1]["loss"], calibration),
         "Upcycling check (`convert_checkpoint.py verify`)": verify,
         "Continued training": training_table(metrics) + "\n\n![loss curves](loss_curves.png)",
         "Held-out evaluation": ("Next-token loss (nats/token), perplexity and accuracy on the held-out documents of each "

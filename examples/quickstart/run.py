@@ -46,6 +46,25 @@ SETTINGS_FILE = "quickstart.json"
 ROUTERS = {"vanilla": "linear", "mor": "mor"}  # run name -> upcycle --router
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One upcycled MoE run: its router and what its upcycle and training add to the demo's settings."""
+
+    name: str
+    router: str
+    upcycle_flags: tuple = ()
+    train_flags: tuple = ()
+    dense: str = "dense"  # the dense model's folder under the output folder
+
+    @property
+    def seeded_init(self) -> bool:
+        """Random routers differ per seed; the Mixture-of-Routers init is deterministic."""
+        return self.router != "mor"
+
+
+DEMO_RUNS = {name: RunSpec(name, router) for name, router in ROUTERS.items()}
+
+
 # the command-line tools the pipeline calls, as a user would type them
 TOOLS = {"convert": ["python", "tools/convert_checkpoint.py"], "preprocess": ["python", "tools/preprocess_data.py"],
          "analyze": ["python", "-m", "router_upcycling.analyze"]}
@@ -105,8 +124,12 @@ class Layout:
         return self.corpus / "heldout" / f"{domain}.jsonl"
 
     def upcycled(self, name: str, seed: int) -> Path:
-        # the Mixture-of-Routers init is deterministic; the vanilla router is drawn from the seed
-        return self.root / "upcycled" / (name if name == "mor" else f"{name}-seed{seed}")
+        # the Mixture-of-Routers init is deterministic; random routers are drawn from the seed
+        run = DEMO_RUNS.get(name) or RunSpec(name, "linear")
+        return self.upcycled_run(run, seed)
+
+    def upcycled_run(self, run: RunSpec, seed: int) -> Path:
+        return self.root / "upcycled" / (f"{run.name}-seed{seed}" if run.seeded_init else run.name)
 
     def verify_log(self, name: str, seed: int) -> Path:
         return self.upcycled(name, seed).with_name(self.upcycled(name, seed).name + ".verify.txt")
@@ -222,29 +245,33 @@ class Pipeline:
                           shown_argv=[*argv, "--output-prefix", str(self.layout.data / "corpus")])
         self.stage("data", self.layout.data.is_dir, preprocess)
 
-    def upcycle(self, name: str, seed: int) -> None:
-        output = self.layout.upcycled(name, seed)
-        command = ["upcycle", "--hf-model", str(self.layout.dense),
-                   "--output", str(output), "--router", ROUTERS[name], "--num-experts", str(self.settings.num_experts),
+    def upcycle(self, name: str, seed: int, run: Optional[RunSpec] = None) -> None:
+        run = run or DEMO_RUNS[name]
+        output = self.layout.upcycled_run(run, seed)
+        dense = self.layout.root / run.dense
+        command = ["upcycle", "--hf-model", str(dense),
+                   "--output", str(output), "--router", run.router, "--num-experts", str(self.settings.num_experts),
                    "--topk", str(self.settings.topk), "--dtype", "fp32", "--seed", str(seed)]
-        if name == "mor":
+        if run.router == "mor":
             command += ["--calib-data", str(self.layout.train_jsonl), "--calib-tokens", str(self.settings.calib_tokens),
                         "--calib-seq-length", str(self.settings.dense.seq_length), "--calib-batch-size", "32"]
+        command += list(run.upcycle_flags)  # later flags win in argparse
         self.stage(f"upcycle {output.name}", output.is_dir, lambda: self.call(f"upcycle {output.name}", "convert", command))
-        verify = ["verify", "--hf-model", str(self.layout.dense),
+        verify = ["verify", "--hf-model", str(dense),
                   "--checkpoint", str(output), "--seq-length", str(self.settings.dense.seq_length)]
-        log = self.layout.verify_log(name, seed)
+        log = output.with_name(output.name + ".verify.txt")
         self.stage(f"verify {output.name}", log.is_file, lambda: self.call(f"verify {output.name}", "convert", verify, capture=log))
 
-    def train(self, name: str, seed: int) -> None:
+    def train(self, name: str, seed: int, run: Optional[RunSpec] = None) -> None:
+        run = run or DEMO_RUNS[name]
         save = self.layout.trained(name, seed)
         s = self.settings
-        flags = ["--pretrained-checkpoint", str(self.layout.upcycled(name, seed)), "--load", str(save), "--save", str(save),
+        flags = ["--pretrained-checkpoint", str(self.layout.upcycled_run(run, seed)), "--load", str(save), "--save", str(save),
                  "--data-path", str(self.layout.data_prefix), "--data-cache-path", str(self.layout.data / "cache"),
                  "--split", "98,2,0", "--seq-length", str(s.dense.seq_length), "--micro-batch-size", str(s.micro_batch_size),
                  "--global-batch-size", str(s.global_batch_size), "--train-iters", str(s.train_iters), "--lr", str(s.lr),
                  "--lr-warmup-iters", str(s.lr_warmup_iters), "--seed", str(seed), "--log-interval", str(s.log_interval),
-                 "--eval-interval", str(s.eval_interval), "--eval-iters", str(s.eval_iters)]
+                 "--eval-interval", str(s.eval_interval), "--eval-iters", str(s.eval_iters), *run.train_flags]
         torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(s.nproc)] if s.nproc > 1 else []
         command = ["-m", "router_upcycling.train", *flags]
 

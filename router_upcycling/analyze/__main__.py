@@ -1,4 +1,4 @@
-"""`python -m router_upcycling.analyze {routing,specialization,load}`: routing and expert analyses of an MoE folder."""
+"""`python -m router_upcycling.analyze {routing,specialization,load,health}`: routing and expert analyses of an MoE folder."""
 import argparse
 import json
 import os
@@ -32,7 +32,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m router_upcycling.analyze",
-                                     description="Routing diversity, expert specialisation and expert load of a Hugging Face MoE folder.")
+                                     description="Routing diversity, expert specialisation, expert load and routing health of a Hugging Face MoE folder.")
     commands = parser.add_subparsers(dest="command", required=True)
     routing = commands.add_parser("routing", help="average routing weight of each expert per domain at one layer (paper Fig. 5)",
                                   description="Average routing weight of each expert per domain at one layer: top-k weights, zero for "
@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "Writes specialization.json and specialization.png.")
     commands.add_parser("load", help="share of routed tokens per expert per layer",
                         description="Per layer, the share of routing slots (tokens x top-k) each expert received. Writes load.json and load.png.")
-    for name in ("specialization", "load"):
+    commands.add_parser("health", help="routing health per layer: the numbers training logs as routing_health",
+                        description="Per MoE layer, over every token of --data: max_share (largest share of routing slots an "
+                        "expert received; 1/N = balanced), dead_experts (experts under 10%% of a fair share), top1_weight "
+                        "(mean weight of the first of the k chosen experts; 1/k = even, 1 = one expert decides), logit_std "
+                        "(standard deviation of the router logits) and entropy (of the mean softmax over all experts, nats; "
+                        "ln N = balanced). Definitions: router_upcycling/routing_stats.py. Writes health.json and health.png.")
+    for name in ("specialization", "load", "health"):
         commands.choices[name].add_argument("--data", required=True, help=f"the texts: {TEXT_INPUT}")
     for sub in commands.choices.values():
         add_common_arguments(sub)
@@ -107,9 +113,12 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "specialization":
         result = analyses.expert_similarity_by_layer(model, chunks["data"], args.batch_size)
         plot = plots.plot_specialization
-    else:
+    elif args.command == "load":
         result = analyses.expert_load_by_layer(model, chunks["data"], args.batch_size)
         plot = plots.plot_load
+    else:
+        result = analyses.routing_health_by_layer(model, chunks["data"], args.batch_size)
+        plot = plots.plot_health
     write_output(output, args.command, {"model": args.model, **result, "settings": settings}, plot)
     print(f"wrote {output / (args.command + '.json')} and {output / (args.command + '.png')}")
 

@@ -9,6 +9,9 @@
   to every token of the layer's MoE input, routing weights not applied; paper Fig. 6).
 - load: per layer, the share of routing slots (tokens x k) each expert received; sums to 1,
   uniform = 1/N.
+- health: per layer, the routing health the trainer logs (max_share, dead_experts, top1_weight,
+  logit_std, entropy), from the same functions (router_upcycling.routing_stats) on the gates'
+  logits and chosen experts.
 """
 from typing import Dict, List, Optional
 
@@ -17,7 +20,10 @@ from tqdm import tqdm
 
 from router_upcycling.analyze.hooks import moe_layers, watch_gates
 from router_upcycling.analyze.inputs import AnalysisError
-from router_upcycling.analyze.stats import dense_routing_weights, expert_outputs, expert_token_counts, pairwise_cosine_sum
+from router_upcycling.analyze.stats import (
+    dense_routing_weights, expert_outputs, expert_token_counts, pairwise_cosine_sum, routing_map_of,
+)
+from router_upcycling.routing_stats import routing_health, routing_sums, sums_width
 from router_upcycling.text import equal_length_batches
 
 # Expert outputs are built for this many tokens at a time: [N, block, d] floats stay small.
@@ -112,4 +118,26 @@ def expert_load_by_layer(model: torch.nn.Module, chunks: List[List[int]], batch_
         "share": [(counts[layer] / counts[layer].sum()).tolist() for layer in blocks],
         "tokens": tokens[0],
         "num_experts": num_experts,
+    }
+
+
+def routing_health_by_layer(model: torch.nn.Module, chunks: List[List[int]], batch_size: int) -> dict:
+    """Routing health of every MoE layer over every token of the chunks (router_upcycling.routing_stats)."""
+    blocks = moe_layers(model)
+    num_experts = num_experts_of(model)
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(blocks), sums_width(num_experts), dtype=torch.float64, device=device)  # [L, W]
+    rows = {layer: row for row, layer in enumerate(blocks)}
+
+    def accumulate(layer, hidden, logits, top_k_weights, top_k_index):
+        sums[rows[layer]] += routing_sums(logits, routing_map_of(top_k_index, num_experts))
+
+    with watch_gates(model, accumulate):
+        _forward_all(model, chunks, batch_size, desc="routing health")
+    return {
+        "layers": list(blocks),
+        "routing_health": routing_health(sums),
+        "tokens": int(sums[0, -1].item()),
+        "num_experts": num_experts,
+        "topk": model.config.num_experts_per_tok,
     }

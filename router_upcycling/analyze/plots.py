@@ -1,4 +1,5 @@
-"""Figures of the analyses (matplotlib, Agg backend): routing heatmap, similarity curve, load heatmap."""
+"""Figures of the analyses (matplotlib, Agg backend): routing heatmap, similarity curve, load heatmap, health bars."""
+import math
 from typing import List, Sequence
 
 import matplotlib
@@ -46,6 +47,34 @@ def plot_specialization(result: dict, path: str) -> None:
     axes.set_ylabel("mean cosine similarity of expert outputs")
     axes.set_title("expert specialisation (lower = more specialised)")
     axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_health(result: dict, path: str) -> None:
+    """One bar panel per health number, layers on the x axis, dashed lines at the balanced / even values."""
+    layers, health = result["layers"], result["routing_health"]
+    num_experts, topk = result["num_experts"], result["topk"]
+    panels = [
+        ("max_share", "largest expert share", [(1 / num_experts, "1/N")], 1.0),
+        ("dead_experts", "dead experts (< 10% of 1/N)", [], num_experts),
+        ("top1_weight", "weight of the first expert", [(1 / topk, "1/k")], 1.0),
+        ("logit_std", "std of router logits", [], None),
+        ("entropy", "entropy of mean routing (nats)", [(math.log(num_experts), "ln N")], None),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    for ax, (key, title, references, top) in zip(axes, panels):
+        ax.bar(layers, [layer[key] for layer in health], color="tab:blue")
+        for value, label in references:
+            ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=label)
+        if references:
+            ax.legend(fontsize=7, loc="best")
+        if top is not None:
+            ax.set_ylim(0, top * 1.05)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("layer")
+    figure.suptitle(f"routing health over {result['tokens']:,} tokens")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -12,6 +12,12 @@ def dense_routing_weights(top_k_weights: torch.Tensor, top_k_index: torch.Tensor
     return weights.scatter_add_(1, top_k_index, top_k_weights.float())
 
 
+def routing_map_of(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Which experts each token was routed to: [T, k] -> [T, N] bool (the megatron-core router's routing_map)."""
+    routing_map = torch.zeros(top_k_index.shape[0], num_experts, dtype=torch.bool, device=top_k_index.device)
+    return routing_map.scatter_(1, top_k_index, True)
+
+
 def expert_token_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
     """How many of the T * k routing slots went to each expert: [T, k] -> [N] (float)."""
     return torch.bincount(top_k_index.reshape(-1), minlength=num_experts).float()

@@ -136,8 +136,9 @@ def stock_gate_refusal(moe: dict) -> Optional[str]:
     if router == "mor":
         reason = router_math.fold_reason(moe["num_keys"], moe["num_experts"], moe["aggregation"])
         return reason and f"a stock Qwen2-MoE gate cannot express this Mixture-of-Routers: {reason}; export the 'mor' format"
-    return (f"a stock Qwen2-MoE gate is linear and cannot express the '{router}' router (the {router} router is a "
-            "2-layer GELU network); export the 'mor' format")
+    why = {"mlp": "the mlp router is a 2-layer GELU network",
+           "locmoe": "its GrAP gate takes the ReLU of channel-group means, and ReLU is not linear"}[router]
+    return f"a stock Qwen2-MoE gate is linear and cannot express the '{router}' router ({why}); export the 'mor' format"
 
 
 def folded_gate(tensors: dict[str, torch.Tensor], layer: int, moe: dict) -> torch.Tensor:
@@ -248,13 +249,26 @@ def copy_mor_code(folder: str) -> None:
     shutil.copyfile(router_math.__file__, os.path.join(folder, "mor.py"))
 
 
+def calibration_figure(card: dict) -> str:
+    """The calibration tokens the average keys were taken over, and the count asked for when the text ran out first."""
+    if "calibration" not in card:
+        return "unknown"
+    calibration = card["calibration"]
+    if calibration is None:
+        return "none (router not initialised from attention)"
+    used, requested = calibration.get("tokens", "unknown"), calibration.get("requested_tokens")
+    if requested is None or requested == used:
+        return str(used)
+    return f"{used} ({requested} asked for: the calibration text ran out)"
+
+
 def model_card(card: dict, moe: dict, dtype: torch.dtype, remote_code: bool) -> str:
     """README.md: where the model comes from, its router and how it was initialised and trained.
 
-    `card` holds the checkpoint metadata: `source_model`, `calibration` ({"tokens": ...}) and `training`
-    ({"iteration": ..., "consumed_tokens": ...}); absent entries read "unknown".
+    `card` holds the checkpoint metadata: `source_model`, `calibration` ({"tokens": ..., "requested_tokens": ...}
+    or None when no router was calibrated) and `training` ({"iteration": ..., "consumed_tokens": ...}); absent
+    entries read "unknown".
     """
-    calibration = card.get("calibration") or {}
     training = card.get("training") or {}
     router = moe["router"]
     rows = [
@@ -272,7 +286,7 @@ def model_card(card: dict, moe: dict, dtype: torch.dtype, remote_code: bool) -> 
             ("router scale", moe.get("router_scale", 1.0)),
         ]
     rows += [
-        ("calibration tokens", calibration.get("tokens", "unknown")),
+        ("calibration tokens", calibration_figure(card)),
         ("training iterations", training.get("iteration", "unknown")),
         ("training tokens", training.get("consumed_tokens", "unknown")),
         ("dtype", str(dtype).replace("torch.", "")),

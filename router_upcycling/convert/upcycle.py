@@ -17,6 +17,7 @@ from router_upcycling.convert.hf_source import ConversionError, load_dense_tenso
 from router_upcycling.convert.mapping import EXPERT_RULES, dense_tensor_names, expand, map_dense_to_mcore
 from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
 from router_upcycling.mcore.model import MoESettings, head_dim
+from router_upcycling.mor import check_grap_split
 from router_upcycling.outputs import refuse_existing, staged_output
 
 log = logging.getLogger("router_upcycling.upcycle")
@@ -32,6 +33,12 @@ class CalibrationSettings:
 
 
 def check_router_settings(hf_config: dict, moe: MoESettings) -> None:
+    """Refuse router settings the initialisation or the router's math cannot follow, naming the counts that work."""
+    if moe.router == "locmoe":
+        try:
+            check_grap_split(hf_config["hidden_size"], moe.num_experts)
+        except ValueError as err:
+            raise ConversionError(f"--num-experts {moe.num_experts}: {err}") from None
     if moe.router != "mor":
         return
     from router_upcycling.init.grouping import RouterCountError, check_router_count
@@ -43,7 +50,8 @@ def check_router_settings(hf_config: dict, moe: MoESettings) -> None:
 
 
 def mor_router_weights(model_dir: str, hf_config: dict, moe: MoESettings, calib: CalibrationSettings, progress: bool):
-    """Per layer (query_weight [R, d_r, d], keys [K, d_r]) from the frozen dense model (method.md part 2)."""
+    """Per layer (query_weight [R, d_r, d], keys [K, d_r]) from the frozen dense model (method.md part 2), and the
+    number of calibration tokens used (calib.tokens, or fewer when the calibration text ran out)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from router_upcycling.init.calibration import average_attention_keys
@@ -55,7 +63,7 @@ def mor_router_weights(model_dir: str, hf_config: dict, moe: MoESettings, calib:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     try:
-        avg_keys = average_attention_keys(
+        avg_keys, tokens_used = average_attention_keys(
             model, tokenizer, read_documents(calib.files, calib.json_key), max_tokens=calib.tokens,
             seq_length=calib.seq_length, batch_size=calib.batch_size, progress=progress,
         )
@@ -64,7 +72,7 @@ def mor_router_weights(model_dir: str, hf_config: dict, moe: MoESettings, calib:
     routers = init_routers_from_attention(model, avg_keys, moe.num_routers, moe.num_experts)
     del model
     gc.collect()
-    return routers
+    return routers, tokens_used
 
 
 def random_router_weights(router, seed: int, layer: int, std: float = 0.02) -> dict:
@@ -122,7 +130,9 @@ def upcycle(
     names = dense_tensor_names(num_layers, tied)
     load_dense_tensors(hf_model, names[:1])  # fail fast on unreadable weights, before calibration
 
-    mor_routers = mor_router_weights(hf_model, hf_config, moe, calib, progress) if moe.router == "mor" else None
+    mor_routers, calibration_tokens = (
+        mor_router_weights(hf_model, hf_config, moe, calib, progress) if moe.router == "mor" else (None, None)
+    )
 
     with staged_output(output, force) as staging:
         log.info("reading %s", hf_model)
@@ -153,7 +163,8 @@ def upcycle(
             "moe": moe.to_dict(hf_config),
             "source_model": os.path.abspath(hf_model),
             "calibration": (
-                {"tokens": calib.tokens, "seq_length": calib.seq_length, "files": [os.path.abspath(f) for f in calib.files]}
+                {"tokens": calibration_tokens, "requested_tokens": calib.tokens, "seq_length": calib.seq_length,
+                 "files": [os.path.abspath(f) for f in calib.files]}
                 if moe.router == "mor" else None
             ),
             "dtype": dtype,

@@ -21,8 +21,10 @@ def sample_token_sequences(vocab_size: int, num_sequences: int = 4, seq_length: 
     return torch.randint(0, vocab_size, (num_sequences, seq_length), generator=generator)
 
 
-def load_megatron_model(checkpoint_dir: str, iteration=None, dtype: torch.dtype = torch.float32):
-    """(model, metadata): the checkpoint's megatron GPTModel at TP = PP = EP = 1, weights loaded, eval mode."""
+def load_megatron_model(checkpoint_dir: str, iteration=None, dtype: torch.dtype = torch.float32,
+                        use_transformer_engine: bool = False, moe_grouped_gemm: bool = False):
+    """(model, metadata): the checkpoint's megatron GPTModel at TP = PP = EP = 1 on the CPU, weights loaded, eval
+    mode; local layers unless `use_transformer_engine` (with `moe_grouped_gemm`, the training recipe's layers)."""
     from router_upcycling.mcore.checkpoint import (
         CheckpointError, load_model_weights, read_metadata, resolve_iteration_dir,
     )
@@ -37,39 +39,44 @@ def load_megatron_model(checkpoint_dir: str, iteration=None, dtype: torch.dtype 
     initialize_distributed()
     hf_config = metadata["hf_config"]
     moe = MoESettings.from_dict(metadata["moe"])
-    model = build_gpt_model(hf_config, moe, transformer_config(hf_config, moe, params_dtype=dtype, perform_initialization=False))
+    config = transformer_config(hf_config, moe, params_dtype=dtype, perform_initialization=False, moe_grouped_gemm=moe_grouped_gemm)
+    model = build_gpt_model(hf_config, moe, config, use_transformer_engine=use_transformer_engine)
     load_model_weights(model, iteration_dir)
     return model.eval(), metadata
 
 
 @torch.no_grad()
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits [b, s, V] (float32) of a megatron GPTModel, gathered over tensor-parallel ranks."""
+    """Logits [b, s, V] (float32, on the CPU) of a megatron GPTModel on any device, gathered over tensor-parallel ranks."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from router_upcycling.mcore.model import causal_attention_mask
 
-    positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
-    logits = model(tokens, positions, causal_attention_mask(tokens.shape[1]))
-    return gather_from_tensor_model_parallel_region(logits).float()
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
+    logits = model(tokens, positions, causal_attention_mask(tokens.shape[1], device=device))
+    return gather_from_tensor_model_parallel_region(logits).float().cpu()
 
 
 def verify(hf_model: str, checkpoint: str, num_sequences: int = 4, seq_length: int = 32) -> VerifyReport:
-    """Logits of the checkpoint's MoE against its dense source on random token sequences."""
+    """Logits of the checkpoint's MoE against its dense source on random token sequences, both on this rank's device."""
     from transformers import AutoModelForCausalLM
 
     from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
+    from router_upcycling.mcore.parallel import current_device
 
     hf_config = read_hf_config(hf_model)
     model, metadata = load_megatron_model(checkpoint)
+    device = current_device()
     # Round the dense weights as the checkpoint stored them, then compute both in float32: any
     # difference left is the conversion's, not the storage dtype's.
     stored_dtype = STORAGE_DTYPES[metadata.get("dtype", "fp32")]
-    dense = AutoModelForCausalLM.from_pretrained(hf_model, dtype=stored_dtype).float().eval()
+    dense = AutoModelForCausalLM.from_pretrained(hf_model, dtype=stored_dtype).float().eval().to(device)
     tokens = sample_token_sequences(hf_config["vocab_size"], num_sequences, seq_length)
     with torch.no_grad():
-        expected = dense(tokens).logits.float()
-    actual = megatron_logits(model, tokens)
+        expected = dense(tokens.to(device)).logits.float().cpu()
+    actual = megatron_logits(model.to(device), tokens)
     return VerifyReport(
         max_abs_diff=(actual - expected).abs().max().item(),
         top1_agreement=(actual.argmax(-1) == expected.argmax(-1)).float().mean().item(),

@@ -4,7 +4,7 @@ An exported `mor` folder carries a copy of this file; it must import nothing but
 """
 from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 
-ROUTER_TYPES = ("mor", "linear", "mlp", "switch")
+ROUTER_TYPES = ("mor", "linear", "mlp", "switch", "locmoe")
 ROUTER_AGGREGATIONS = ("sum", "max")
 
 
@@ -16,7 +16,8 @@ class Qwen2MoRConfig(Qwen2MoeConfig):
     (megatron-core's `moe_router_pre_softmax=False`), so k copies of one FFN reproduce that FFN exactly.
 
     Router fields:
-        router_type: "mor" (Mixture-of-Routers), "linear", "mlp" (d -> d -> N, GELU) or "switch" (linear, top-1).
+        router_type: "mor" (Mixture-of-Routers), "linear", "mlp" (d -> d -> N, GELU), "switch" (linear, top-1) or
+            "locmoe" (LocMoE's GrAP gate, no parameters: ReLU of the mean of N contiguous channel groups).
         num_routers: R, routers per layer (mor only).
         router_dim: d_r, the routers' query size (mor only).
         num_router_keys: K = max(R, N) expert keys per layer (mor only).
@@ -45,6 +46,8 @@ class Qwen2MoRConfig(Qwen2MoeConfig):
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.router_type == "switch" and self.num_experts_per_tok != 1:
             raise ValueError(f"a switch router sends each token to 1 expert; got num_experts_per_tok={self.num_experts_per_tok}")
+        if self.router_type == "locmoe" and self.hidden_size % self.num_experts:
+            raise ValueError(f"a locmoe (GrAP) router needs num_experts ({self.num_experts}) to divide hidden_size ({self.hidden_size})")
         if self.router_type == "mor":
             if self.router_aggregation not in ROUTER_AGGREGATIONS:
                 raise ValueError(f"router_aggregation must be one of {ROUTER_AGGREGATIONS}, got {self.router_aggregation!r}")

@@ -31,7 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_mor import Qwen2MoRConfig
-from .mor import mor_expert_logits
+from .mor import grap_expert_logits, mor_expert_logits
 
 
 class Qwen2MoRRouter(nn.Module):
@@ -103,6 +103,16 @@ class Qwen2MoRMLPGate(Qwen2MoRRouter):
         return F.linear(F.gelu(F.linear(hidden, self.fc1.weight.float())), self.fc2.weight.float())
 
 
+class Qwen2MoRGrAPGate(Qwen2MoRRouter):
+    """LocMoE's GrAP gate: logit i = ReLU(mean of channel group i of N contiguous groups); no parameters."""
+
+    def __init__(self, config: Qwen2MoRConfig):
+        super().__init__(config, config.num_experts_per_tok)
+
+    def expert_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return grap_expert_logits(hidden, self.num_experts)
+
+
 def build_router(config: Qwen2MoRConfig) -> Qwen2MoRRouter:
     """The router module that `config.router_type` names."""
     if config.router_type == "mor":
@@ -113,6 +123,8 @@ def build_router(config: Qwen2MoRConfig) -> Qwen2MoRRouter:
         return Qwen2MoRLinearGate(config, top_k=1)
     if config.router_type == "mlp":
         return Qwen2MoRMLPGate(config)
+    if config.router_type == "locmoe":
+        return Qwen2MoRGrAPGate(config)
     raise ValueError(f"unknown router_type {config.router_type!r}")
 
 

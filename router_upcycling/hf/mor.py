@@ -6,4 +6,4 @@ folder holds the real `router_upcycling/mor.py` under this name; inside the pack
 re-exports it, so the math keeps its one home.
 """
 from router_upcycling.mor import *  # noqa: F401,F403
-from router_upcycling.mor import mor_expert_logits  # noqa: F401  (named explicitly for readers and linters)
+from router_upcycling.mor import grap_expert_logits, mor_expert_logits  # noqa: F401  (named explicitly for readers and linters)

@@ -10,7 +10,7 @@ Shape legend
     B  batch         S     chunk length         d    hidden size
 """
 import logging
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -71,6 +71,11 @@ def _keys_of_mean_input(layers: Sequence[torch.nn.Module], mean_inputs: torch.Te
     return torch.stack(keys)
 
 
+class AverageKeys(NamedTuple):
+    keys: torch.Tensor  # [L, H_kv, d_h] float32, on CPU
+    tokens: int  # calibration tokens actually used: max_tokens, or fewer when the documents ran out
+
+
 def average_attention_keys(
     model: torch.nn.Module,
     tokenizer,
@@ -80,7 +85,7 @@ def average_attention_keys(
     batch_size: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
-) -> torch.Tensor:
+) -> AverageKeys:
     """Average pre-RoPE key of every layer and key/value head over the calibration tokens.
 
     Args:
@@ -97,7 +102,7 @@ def average_attention_keys(
         progress: show a tqdm bar counting tokens.
 
     Returns:
-        [L, H_kv, d_h] float32, on CPU.
+        AverageKeys: the keys [L, H_kv, d_h] (float32, on CPU) and the number of tokens they average over.
     """
     device = torch.device(device) if device is not None else _default_device(model)
     chunks = token_chunks(documents, tokenizer, max_tokens, seq_length)
@@ -116,7 +121,7 @@ def average_attention_keys(
         logger.warning("calibration used %d tokens: the documents ran out before the %d asked for", num_tokens, max_tokens)
     keys = _keys_of_mean_input(decoder.layers, input_sums.cpu() / num_tokens)  # [L, H_kv * d_h]
     num_kv_heads = model.config.num_key_value_heads
-    return keys.reshape(len(decoder.layers), num_kv_heads, keys.shape[1] // num_kv_heads).float().cpu()
+    return AverageKeys(keys.reshape(len(decoder.layers), num_kv_heads, keys.shape[1] // num_kv_heads).float().cpu(), num_tokens)
 
 
 def _sum_key_inputs(

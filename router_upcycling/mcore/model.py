@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from router_upcycling.mcore.compat import moe_submodules
-from router_upcycling.mcore.routers import ROUTER_TYPES, MixtureOfRoutersRouter, MLPRouter, SwitchRouter
+from router_upcycling.mcore.routers import ROUTER_TYPES, LocMoERouter, MixtureOfRoutersRouter, MLPRouter, SwitchRouter
 from router_upcycling.errors import UserError
 from router_upcycling.mor import AGGREGATIONS, num_router_keys
 
@@ -42,6 +42,8 @@ class MoESettings:
             self.topk = 1
         if self.router == "mor" and self.num_routers is None:
             self.num_routers = self.num_experts
+        if not self.router_scale > 0:
+            raise UserError(f"--router-scale must be positive, got {self.router_scale}")
         if self.num_experts < 1:
             raise UserError("--num-experts must be at least 1")
         if not 1 <= self.topk <= self.num_experts:
@@ -72,8 +74,13 @@ def rope_theta(hf_config: dict) -> float:
     return float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
 
 
-def router_builder(moe: MoESettings):
-    """The class (or partial) megatron-core's MoELayer builds as its router."""
+def router_builder(moe: MoESettings, locality_coeff: float = 0.0):
+    """The class (or partial) megatron-core's MoELayer builds as its router.
+
+    `locality_coeff` is a training setting, not part of the architecture: LocMoE's locality-loss coefficient.
+    """
+    if moe.router == "locmoe":
+        return functools.partial(LocMoERouter, locality_coeff=locality_coeff)
     if moe.router == "mor":
         return functools.partial(
             MixtureOfRoutersRouter, num_routers=moe.num_routers, aggregation=moe.aggregation, router_scale=moe.router_scale
@@ -105,27 +112,38 @@ class RMSNorm(torch.nn.Module):
         return self.weight * normed.to(hidden.dtype)
 
 
-def moe_layer_spec(moe: MoESettings, use_transformer_engine: bool = False, moe_grouped_gemm: bool = False) -> ModuleSpec:
+def moe_layer_spec(
+    moe: MoESettings, use_transformer_engine: bool = False, moe_grouped_gemm: bool = False, locality_coeff: float = 0.0
+) -> ModuleSpec:
     """A GPT layer spec whose MoE uses our router: Transformer Engine modules, or local ones with our RMSNorm."""
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm)
+        # Both specs must read and write the same checkpoint keys. The local spec stores its pre-MLP norm under the
+        # name of the norm Transformer Engine fuses into a dense layer's fc1 ("mlp.linear_fc1.layer_norm_weight");
+        # megatron-core's TE MoE spec keeps a separate norm and stores it as "pre_mlp_layernorm.weight". Mapping it
+        # to the local name lets upcycled checkpoints (written with local layers) load into TE layers and back.
+        spec.submodules.sharded_state_dict_keys_map = {
+            **spec.submodules.sharded_state_dict_keys_map, "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+        }
     else:
         spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm, normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
-    moe_submodules(spec).router = router_builder(moe)
+    moe_submodules(spec).router = router_builder(moe, locality_coeff)
     return spec
 
 
-def decoder_block_spec(config: TransformerConfig, moe: MoESettings, use_transformer_engine: bool = False) -> TransformerBlockSubmodules:
+def decoder_block_spec(
+    config: TransformerConfig, moe: MoESettings, use_transformer_engine: bool = False, locality_coeff: float = 0.0
+) -> TransformerBlockSubmodules:
     """The layers this pipeline stage builds, and the final norm (the same norm as inside the layers)."""
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = RMSNorm
-    layer = moe_layer_spec(moe, use_transformer_engine, config.moe_grouped_gemm)
+    layer = moe_layer_spec(moe, use_transformer_engine, config.moe_grouped_gemm, locality_coeff)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm)
 
 
@@ -198,11 +216,13 @@ def build_gpt_model(
     post_process: bool = True,
     use_transformer_engine: bool = False,
     parallel_output: bool = True,
+    locality_coeff: float = 0.0,
 ) -> GPTModel:
-    """GPTModel with the Qwen2 architecture (RoPE, RMSNorm, SwiGLU, q/k/v bias) and our MoE router."""
+    """GPTModel with the Qwen2 architecture (RoPE, RMSNorm, SwiGLU, q/k/v bias) and our MoE router
+    (`locality_coeff`: LocMoE's locality-loss coefficient, training only)."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, moe, use_transformer_engine),
+        transformer_layer_spec=decoder_block_spec(config, moe, use_transformer_engine, locality_coeff),
         vocab_size=hf_config["vocab_size"],
         max_sequence_length=hf_config.get("max_position_embeddings", 4096),
         pre_process=pre_process,

@@ -4,6 +4,7 @@ The one place that knows which device a run is on: CUDA (NCCL) when present, els
 with router_upcycling.mcore.cpu's patches). Everything else asks here.
 """
 import os
+import platform
 import socket
 from typing import Dict, List
 
@@ -37,6 +38,12 @@ def unsupported_here(settings: Dict) -> List[str]:
     return unsupported_on_cpu(settings)
 
 
+def device_type() -> str:
+    """"cuda" or "cpu": the kind of device current_device() will answer, asked without creating a CUDA context
+    (safe before a rank has picked its GPU)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def current_device() -> torch.device:
     """This rank's device: its GPU, or the CPU."""
     if torch.cuda.is_available():
@@ -58,6 +65,42 @@ def memory_figures() -> Dict[str, float]:
     if torch.cuda.is_available():
         figures["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return figures
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for memory_figures()'s gpu_max_allocated_mb (the host figure is resident memory, not a peak)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def float32_matmuls_use_tf32() -> bool:
+    """Whether float32 matrix products here round their inputs to TF32 (11 significant bits): torch's switch, or
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (set in some NVIDIA containers), which forces it whatever the switch says."""
+    if not torch.cuda.is_available():
+        return False
+    return torch.backends.cuda.matmul.allow_tf32 or os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1"
+
+
+def device_description() -> Dict[str, object]:
+    """What this process computes on, for reports: device type, name, how many this node has, and its runtime."""
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return {"type": "cuda", "name": properties.name, "count": torch.cuda.device_count(),
+                "memory_gb": round(properties.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(), "tf32_matmuls": float32_matmuls_use_tf32()}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": 1,
+            "threads": torch.get_num_threads()}
+
+
+# what torchrun tells each process about its job; a child started without them is a world of one
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_process_env() -> Dict[str, str]:
+    """This process's environment without the launcher's rank variables, for a child that runs alone."""
+    return {key: value for key, value in os.environ.items()
+            if key not in _LAUNCHER_VARIABLES and not key.startswith("TORCHELASTIC_")}
 
 
 def check_layout(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,

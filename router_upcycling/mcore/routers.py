@@ -4,12 +4,13 @@ Each is a `TopKRouter` subclass that replaces only what differs: parameter creat
 `gating()` (the logits). Top-k selection, softmax over the chosen logits, the load-balancing
 aux loss, z-loss and expert bias stay megatron-core's own `routing()`.
 
-| router  | logits (computed in float32)             | parameters (model dtype)       |
-|---------|------------------------------------------|--------------------------------|
-| mor     | Mixture-of-Routers (router_upcycling.mor) | query_weight [R, d_r, d], keys [K, d_r] |
-| linear  | megatron-core's TopKRouter, unchanged     | weight [N, d]                  |
-| mlp     | fc2(gelu(fc1 x)), d -> d -> N             | fc1.weight [d, d], fc2.weight [N, d] |
-| switch  | linear, top-1 (see SwitchRouter)          | weight [N, d]                  |
+| router | logits (computed in float32)                 | parameters (model dtype)                |
+|--------|----------------------------------------------|-----------------------------------------|
+| mor    | Mixture-of-Routers (router_upcycling.mor)    | query_weight [R, d_r, d], keys [K, d_r] |
+| linear | megatron-core's TopKRouter, unchanged        | weight [N, d]                           |
+| mlp    | fc2(gelu(fc1 x)), d -> d -> N                | fc1.weight [d, d], fc2.weight [N, d]    |
+| switch | linear, top-1 (see SwitchRouter)             | weight [N, d]                           |
+| locmoe | LocMoE's GrAP: ReLU(mean of channel group i) | none (see LocMoERouter)                 |
 
 Top-1 routing (switch, or any router with topk = 1) keeps a unit expert scale; see UnitScaleTop1Mixin.
 
@@ -22,11 +23,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from router_upcycling.mcore.compat import topk_router_keywords
-from router_upcycling.mor import mor_expert_logits, num_router_keys
+from router_upcycling.mor import (
+    check_grap_split, grap_expert_logits, locality_loss, mor_expert_logits, num_router_keys, routing_distribution,
+)
 
 
 def _mark_router_parameter(param: torch.nn.Parameter, config: TransformerConfig) -> torch.nn.Parameter:
@@ -141,4 +146,58 @@ class SwitchRouter(UnitScaleTop1Mixin, TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, **topk_router_keywords(kwargs))
 
 
-ROUTER_TYPES = ("mor", "linear", "mlp", "switch")
+class LocMoERouter(UnitScaleTop1Mixin, TopKRouter):
+    """LocMoE's GrAP gate (arXiv 2401.13920): logit i = ReLU(mean of the input's channel group i), no
+    parameters; megatron-core's top-k, softmax over the chosen logits and load-balancing loss follow.
+
+    Locality loss (`locality_coeff` mu > 0): mu * KL(mean routing distribution || uniform) per micro-batch, see
+    router_upcycling.mor.locality_loss. With no router parameters its gradient reaches the model through the
+    router input only. It is attached to the logits as megatron-core attaches its z-loss (MoEAuxLossAutoScaler)
+    and logged as "locality_loss" (the KL, without mu).
+    """
+
+    def __init__(self, config: TransformerConfig, pg_collection=None, *, locality_coeff: float = 0.0, **kwargs) -> None:
+        check_grap_split(config.hidden_size, config.num_moe_experts)
+        self.locality_coeff = locality_coeff
+        super().__init__(config=config, pg_collection=pg_collection, **topk_router_keywords(kwargs))
+
+    def reset_parameters(self) -> None:
+        """No gate weight: GrAP's pooling weights (1/g over group i) are fixed."""
+        self.weight = None
+        self.bias = None
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Expert logits [..., N] (float32) for router input [..., d]."""
+        logits = grap_expert_logits(input.reshape(-1, input.shape[-1]).float(), self.config.num_moe_experts)
+        return logits.view(*input.shape[:-1], -1)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if self.locality_coeff > 0 and self.training and torch.is_grad_enabled():
+            logits = self.apply_locality_loss(logits, padding_mask)
+        return super().routing(logits, padding_mask=padding_mask)
+
+    def apply_locality_loss(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attach mu * locality_loss to the logits [s, b, N] for the backward pass and record it for logging.
+
+        The mean routing distribution is over the micro-batch's tokens (padding_mask [s, b], True = padding, as
+        megatron-core's z-loss reads it). With sequence or context parallelism each rank holds a slice of those
+        tokens: the per-expert sums are all-reduced over that group (backward: identity), so every rank computes
+        the micro-batch's loss and gives its own tokens their exact gradient, whatever the layout.
+        """
+        flat = logits.reshape(-1, self.config.num_moe_experts)  # [T, N]
+        if padding_mask is not None:
+            flat = flat[~padding_mask.reshape(-1)]
+        probs_sum = reduce_from_tensor_model_parallel_region(routing_distribution(flat).sum(0), group=self.tp_cp_group)
+        num_tokens = torch.tensor(float(flat.shape[0]), device=flat.device)
+        if self.tp_cp_group.size() > 1:
+            torch.distributed.all_reduce(num_tokens, group=self.tp_cp_group)
+        kl = locality_loss(probs_sum / num_tokens)
+        loss = self.locality_coeff * kl
+        # as megatron-core's aux losses: finalize_model_grads divides per-token losses by the token count
+        logits = MoEAuxLossAutoScaler.apply(logits, loss * num_tokens if self.calculate_per_token_loss else loss)
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        save_to_aux_losses_tracker("locality_loss", kl, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
+        return logits
+
+
+ROUTER_TYPES = ("mor", "linear", "mlp", "switch", "locmoe")

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from-scratch", action="store_true", help="random weights (normal, std 0.02) for the paper's "
                    "'MoE from scratch' baseline; needs --model-config")
     g.add_argument("--model-config", help="Hugging Face model folder giving the dense architecture and tokenizer (--from-scratch)")
-    g.add_argument("--moe-router-type", choices=ROUTER_TYPES, default="linear", help="router for --from-scratch (default linear)")
+    g.add_argument("--moe-router-type", choices=ROUTER_TYPES, default="linear", help="router for --from-scratch (default "
+                   "linear; locmoe: LocMoE's parameter-free GrAP gate, which needs the hidden size to be a multiple of "
+                   "--num-experts)")
     g.add_argument("--num-experts", type=int, default=8, help="experts per layer for --from-scratch (default 8)")
     g.add_argument("--moe-router-topk", type=int, default=2, help="experts per token for --from-scratch (default 2)")
     g.add_argument("--num-routers", type=int, help="Mixture-of-Routers router count for --from-scratch --moe-router-type mor "
@@ -109,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01; "
                    "Megatron-LM's default is 0)")
     g.add_argument("--moe-z-loss-coeff", type=float, help="router z-loss coefficient (default: none)")
+    g.add_argument("--locmoe-locality-coeff", type=float, default=0.0, help="locmoe router only: coefficient mu of "
+                   "LocMoE's locality loss, read with data parallelism as mu * KL(mean over the micro-batch's tokens of "
+                   "the softmax over all experts || uniform) (docs/method.md; default 0 = off)")
     g.add_argument("--seed", type=int, default=1234, help="seed for initialisation and data order (default 1234)")
 
     g = parser.add_argument_group("intervals and logging")
@@ -200,6 +205,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError("--lr-warmup-fraction must be in [0, 1)")
     if not 0 <= args.min_lr <= args.lr:
         raise TrainError("--min-lr must be between 0 and --lr")
+    if args.locmoe_locality_coeff < 0:
+        raise TrainError("--locmoe-locality-coeff must be at least 0")
     if any(not 0 < f < 1 for f in args.lr_step_decay_fractions):
         raise TrainError("--lr-step-decay-fractions must lie strictly between 0 and 1")
 

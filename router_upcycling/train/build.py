@@ -18,6 +18,7 @@ from router_upcycling.mcore.checkpoint import (
 )
 from router_upcycling.mcore.model import MoESettings, build_gpt_model, head_dim, transformer_config
 from router_upcycling.mcore.parallel import current_device
+from router_upcycling.mor import check_grap_split
 from router_upcycling.train.arguments import TrainError
 
 
@@ -58,6 +59,11 @@ def from_scratch_metadata(args: argparse.Namespace) -> dict:
                       num_routers=args.num_routers)
     if moe.router == "mor":
         check_router_count(hf_config, moe)
+    if moe.router == "locmoe":
+        try:
+            check_grap_split(hf_config["hidden_size"], moe.num_experts)
+        except ValueError as err:
+            raise TrainError(f"--num-experts {moe.num_experts}: {err}") from None
     return {"hf_config": hf_config, "moe": moe.to_dict(hf_config), "source_model": os.path.abspath(args.model_config),
             "calibration": None, "init": "from_scratch", "dtype": "bf16" if args.bf16 else "fp32",
             "training": {"iteration": 0, "consumed_tokens": 0}}
@@ -101,6 +107,12 @@ def recompute_settings(args: argparse.Namespace) -> dict:
             "recompute_num_layers": args.recompute_num_layers}
 
 
+def check_router_flags(args: argparse.Namespace, moe: MoESettings) -> None:
+    """Router-specific training flags must match the model's router."""
+    if args.locmoe_locality_coeff and moe.router != "locmoe":
+        raise TrainError(f"--locmoe-locality-coeff applies to the locmoe router only; this model's router is {moe.router}")
+
+
 def build_model(args: argparse.Namespace, source: ModelSource) -> torch.nn.Module:
     """This pipeline stage's GPTModel on the run's device; random init (std --init-method-std) unless weights are loaded afterwards."""
     from megatron.core import parallel_state
@@ -128,6 +140,7 @@ def build_model(args: argparse.Namespace, source: ModelSource) -> torch.nn.Modul
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         use_transformer_engine=args.transformer_impl == "transformer_engine",
+        locality_coeff=args.locmoe_locality_coeff,
     )
     return model.to(current_device())
 

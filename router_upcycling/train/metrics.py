@@ -1,5 +1,5 @@
-"""What a run reports: a stdout line, `SAVE/metrics.jsonl`, TensorBoard and W&B (rank 0), plus the
-per-layer share of tokens each expert receives, counted from the routers' routing maps.
+"""What a run reports: a stdout line, `SAVE/metrics.jsonl`, TensorBoard and W&B (rank 0), plus per layer
+the share of tokens each expert receives and the routing health, counted from the routers' calls.
 
 Shapes: L MoE layers, N experts, T tokens of a micro-batch.
 """
@@ -13,36 +13,66 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from router_upcycling.routing_stats import expert_shares, routing_health, routing_sums, sums_width
+
 log = logging.getLogger("router_upcycling.train")
 
 
 class RoutingCounter:
-    """Tokens routed to each expert per layer [L, N], from forward hooks on this pipeline stage's routers.
+    """Routing statistics of this pipeline stage's routers while training: per layer, the share of routed
+    tokens each expert received and the routing health of router_upcycling.routing_stats.
 
-    Counted on the model's device (no host sync per layer and micro-batch) into rows of the model's
-    global layer numbers, so summing over every rank gives the whole model: pipeline stages hold
-    disjoint layers, and data-parallel, expert-parallel and sequence-parallel ranks route disjoint tokens.
+    Every router's `routing(logits)` is wrapped (an instance attribute shadowing the method): megatron-core's
+    router returns only (probs, routing_map), and the logits exist only as what its `forward` hands to
+    `routing()`. The router's math is untouched; evaluation is not counted.
+    Each call adds `routing_sums` into a [L, W] float64 tensor on the model's device (no host sync per
+    layer and micro-batch), in rows of the model's global layer numbers, so summing over every rank
+    gives the whole model: pipeline stages hold disjoint layers, and data-parallel, expert-parallel and
+    sequence-parallel ranks route disjoint tokens. Every statistic is a ratio of sums, so layers whose
+    forward is recomputed (activation recomputation counts them twice) still read right.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        layers = model.decoder.layers
-        self.counts = torch.zeros(model.config.num_layers, model.config.num_moe_experts, dtype=torch.float64, device=device)
-        self.handles = [layer.mlp.router.register_forward_hook(self._hook(layer.layer_number - 1)) for layer in layers]
+        config = model.config
+        self.sums = torch.zeros(config.num_layers, sums_width(config.num_moe_experts), dtype=torch.float64, device=device)
+        for layer in model.decoder.layers:
+            layer.mlp.router.routing = self._observed(layer.mlp.router, layer.layer_number - 1)
 
-    def _hook(self, layer: int):
-        def count(module, inputs, outputs) -> None:
-            if module.training:
-                _, routing_map = outputs  # [T, N] bool
-                self.counts[layer] += routing_map.sum(0).to(self.counts)
-        return count
+    def _observed(self, router: torch.nn.Module, layer: int):
+        routing = router.routing
 
-    def shares(self) -> List[List[float]]:
-        """Each layer's share of routed tokens per expert over all ranks since the last call, then reset."""
-        counts = self.counts.clone()
-        dist.all_reduce(counts)
-        self.counts.zero_()
-        shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-        return [[round(x, 5) for x in row] for row in shares.tolist()]
+        def observed(logits: torch.Tensor, *args, **kwargs):
+            probs, routing_map = routing(logits, *args, **kwargs)
+            if router.training:
+                self.sums[layer] += routing_sums(logits, routing_map)
+            return probs, routing_map
+
+        return observed
+
+    def report(self) -> Dict[str, list]:
+        """Over all ranks since the last call, then reset: `expert_token_share` [L][N] and `routing_health`
+        (one dict per layer, router_upcycling.routing_stats.HEALTH_KEYS)."""
+        sums = self.sums.clone()
+        dist.all_reduce(sums)
+        self.sums.zero_()
+        return {
+            "expert_token_share": [[round(x, 5) for x in row] for row in expert_shares(sums).tolist()],
+            "routing_health": [{key: round(value, 5) for key, value in layer.items()} for layer in routing_health(sums)],
+        }
+
+
+def health_summary(routing_health: List[Dict[str, float]]) -> float:
+    """The stdout line's routing figure: the largest `max_share` of any layer (1/N = balanced; it rises as
+    routing collapses onto few experts, and a dead expert raises the others' shares)."""
+    return max(layer["max_share"] for layer in routing_health)
+
+
+def logged_scalars(record: Dict) -> Dict[str, float]:
+    """What TensorBoard and W&B get: the record's top-level numbers, and `routing_health/layer{l}/{name}`."""
+    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    for layer, health in enumerate(record.get("routing_health") or []):
+        scalars.update({f"routing_health/layer{layer}/{name}": value for name, value in health.items()})
+    return scalars
 
 
 def flops_per_token(hf_config: dict, num_experts: int, topk: int, seq_length: int) -> float:
@@ -102,7 +132,7 @@ class MetricsWriter:
         if self.jsonl:
             with open(self.jsonl, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step" and v is not None}
+        scalars = logged_scalars(record)
         if self.tensorboard:
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(key, value, record["step"])
@@ -136,6 +166,10 @@ def train_line(record: Dict, train_iters: int) -> str:
         parts.append(f"lb loss {record['load_balancing_loss']:.4f}")
     if record.get("z_loss") is not None:
         parts.append(f"z loss {record['z_loss']:.4f}")
+    if record.get("locality_loss") is not None:
+        parts.append(f"locality loss {record['locality_loss']:.4f}")
+    if record.get("routing_health"):
+        parts.append(f"max share {health_summary(record['routing_health']):.3f}")
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
     parts.append(f"host mem {record['host_memory_mb']:.0f} MB")

@@ -14,7 +14,7 @@ from router_upcycling.mcore.parallel import (
     current_device, default_peak_flops, initialize_distributed, memory_figures, shutdown_distributed,
 )
 from router_upcycling.train.arguments import parse_args
-from router_upcycling.train.build import build_model, resolve_model_source, wrap_for_training
+from router_upcycling.train.build import build_model, check_router_flags, resolve_model_source, wrap_for_training
 from router_upcycling.train.checkpointing import (
     ExitSignal, check_save_dir, describe_layout, load_checkpoint, parallel_layout, prepare_save_dir, resumes_in_place,
     save_checkpoint,
@@ -28,7 +28,8 @@ log = logging.getLogger("router_upcycling.train")
 
 
 def moe_losses(num_microbatches: int, num_layers: int) -> dict:
-    """This step's load-balancing and z-loss (mean over layers and micro-batches, averaged over ranks); resets megatron's tracker."""
+    """This step's load-balancing loss, z-loss and LocMoE locality loss, each as megatron-core's tracker reduces it over
+    ranks, meaned over layers and micro-batches; resets the tracker."""
     totals = {}
     track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=0, total_loss_dict=totals, num_layers=num_layers)
     return {name: value.item() for name, value in totals.items()}
@@ -37,6 +38,7 @@ def moe_losses(num_microbatches: int, num_layers: int) -> dict:
 def train(args: argparse.Namespace) -> None:
     # files are checked before any process group exists, so bad input fails fast on every rank alike
     source = resolve_model_source(args)
+    check_router_flags(args, source.moe)
     parse_blend(args.data_path)
     if args.save:
         check_save_dir(args.save, source.resume_dir)
@@ -107,10 +109,11 @@ def train(args: argparse.Namespace) -> None:
                 "tokens_per_sec": tokens_per_sec,
                 "load_balancing_loss": _mean(interval_losses, "load_balancing_loss"),
                 "z_loss": _mean(interval_losses, "z_loss"),
+                "locality_loss": _mean(interval_losses, "locality_loss"),
                 "mfu": steps * flops_per_step / elapsed / (peak_flops * world) if peak_flops else None,
                 "eta_sec": (args.train_iters - iteration) * elapsed / steps,
                 "consumed_samples": consumed,
-                "expert_token_share": routing.shares(),
+                **routing.report(),
                 **memory_figures(),
             }
             writer.write(record, train_line(record, args.train_iters))

@@ -93,6 +93,25 @@ def test_analyze_specialization_matches_expert_calls_and_pairwise_cosines(tiny):
         assert result["mean_cosine_similarity"][position] == pytest.approx(torch.stack(pair_means).mean().item(), abs=1e-5)
 
 
+def test_analyze_health_matches_a_direct_computation(tiny):
+    root, model, tokenizer = tiny
+    chunks = chunks_of(tokenizer, root / "prose.txt")
+    result = analyses.routing_health_by_layer(model, chunks, batch_size=3)
+    assert result["layers"] == [0, 1] and result["tokens"] == sum(map(len, chunks)) and result["topk"] == TOP_K
+    for position, (layer, hidden) in enumerate(moe_inputs(model, chunks).items()):
+        logits = (hidden @ model.model.layers[layer].mlp.gate.weight.t()).double()
+        weights, index = direct_top_k(model, layer, hidden)
+        shares = torch.bincount(index.reshape(-1), minlength=NUM_EXPERTS).double() / index.numel()
+        mean_probs = torch.softmax(logits, -1).mean(0)
+        health = result["routing_health"][position]
+        assert health["dead_experts"] == int((shares < 0.1 / NUM_EXPERTS).sum())
+        assert health == pytest.approx({
+            "max_share": shares.max().item(), "dead_experts": health["dead_experts"],
+            "top1_weight": weights.max(-1).values.mean().item(), "logit_std": logits.std(unbiased=False).item(),
+            "entropy": -(mean_probs * mean_probs.log()).sum().item(),
+        }, rel=1e-5)
+
+
 def test_analyze_cli_writes_json_and_png(tiny, tmp_path):
     root, _, _ = tiny
     out = tmp_path / "routing"
@@ -100,11 +119,11 @@ def test_analyze_cli_writes_json_and_png(tiny, tmp_path):
           "--layer", "-1", "--seq-length", str(SEQ), "--device", "cpu", "--output", str(out)])
     routing = json.loads((out / "routing.json").read_text())
     assert routing["layer"] == 1 and list(routing["domains"]) == ["Code", "Prose"]
-    for command in ("specialization", "load"):
+    for command in ("specialization", "load", "health"):
         main([command, "--model", str(root / "moe"), "--data", str(root / "code.jsonl"), "--seq-length", str(SEQ),
               "--device", "cpu", "--output", str(tmp_path / command)])
         assert (tmp_path / command / f"{command}.json").is_file()
-    for command in ("routing", "specialization", "load"):
+    for command in ("routing", "specialization", "load", "health"):
         assert (tmp_path / command / f"{command}.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -134,9 +153,9 @@ def test_analyze_bad_inputs_fail_with_one_line(tiny, tmp_path):
     (existing / "keep.txt").write_text("mine")
     (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     for expected, args in {
-        "no MoE layers": ["load", "--model", str(root / "dense"), "--data", data, "--output", str(tmp_path / "b")],
+        "no MoE layers": ["health", "--model", str(root / "dense"), "--data", data, "--output", str(tmp_path / "b")],
         "not an MoE layer": ["routing", "--model", str(root / "moe"), "--domain", f"X={data}", "--layer", "7", "--output", str(tmp_path / "c")],
-        "none.jsonl: no such file": ["load", "--model", str(root / "moe"), "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "d")],
+        "none.jsonl: no such file": ["health", "--model", str(root / "moe"), "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "d")],
         "no string field 'text'": ["load", "--model", str(root / "moe"), "--data", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "e")],
         "NAME=FILE": ["routing", "--model", str(root / "moe"), "--domain", data, "--output", str(tmp_path / "f")],
     }.items():

@@ -50,6 +50,13 @@ def test_upcycle_then_verify_from_the_command_line(workspace):
     assert "top-1 agreement = 100.00%" in result.stdout and "OK" in result.stdout
 
 
+def test_locmoe_expert_count_must_divide_the_hidden_size(workspace):
+    root, dense, _ = workspace
+    result = convert("upcycle", "--hf-model", dense, "--output", root / "out", "--router", "locmoe", "--num-experts", 6)
+    assert_user_error(result, "--num-experts 6", "hidden size 64", "expert counts that work: 2, 4, 8, 16, 32, 64")
+    assert leftovers(root) == []
+
+
 def test_help_explains_every_flag():
     result = convert("upcycle", "--help")
     for flag in ("--hf-model", "--num-experts", "--topk", "--router", "--num-routers", "--router-aggregation",

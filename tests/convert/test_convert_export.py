@@ -72,11 +72,28 @@ NOT_FOLDABLE = [
     MoESettings(router="mor", num_experts=4, topk=2, num_routers=8),
     MoESettings(router="mor", num_experts=4, topk=2, num_routers=4, aggregation="max"),
     MoESettings(router="mlp", num_experts=4, topk=2),
+    MoESettings(router="locmoe", num_experts=4, topk=2),
 ]
 
 
 def case_id(moe):
     return f"{moe.router}-R{moe.num_routers}-N{moe.num_experts}-{moe.aggregation}"
+
+
+def test_locmoe_is_exported_without_router_tensors_and_refused_as_qwen2_moe(root, tmp_path):
+    """The GrAP gate has no weights: the `mor` folder computes it from the copied router math."""
+    from safetensors import safe_open
+
+    checkpoint = upcycled(root, case_id(NOT_FOLDABLE[3]), NOT_FOLDABLE[3])
+    folder = export(checkpoint, str(tmp_path / "mor"), "mor", dtype="fp32")
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
+        assert not [name for name in weights.keys() if ".mlp.gate." in name]
+    assert json.loads(open(os.path.join(folder, "config.json")).read())["router_type"] == "locmoe"
+    assert "def grap_expert_logits" in open(os.path.join(folder, "mor.py")).read()
+    result = run_export("--checkpoint", checkpoint, "--output", tmp_path / "stock", "--format", "qwen2_moe")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "'locmoe' router" in result.stderr and "ReLU is not linear" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "stock").exists()
 
 
 @pytest.mark.parametrize("moe", FOLDABLE + NOT_FOLDABLE, ids=case_id)
@@ -133,7 +150,8 @@ def test_tokenizer_and_model_card_travel(root, tmp_path):
     original, exported = AutoTokenizer.from_pretrained(str(root / "dense")), AutoTokenizer.from_pretrained(folder)
     assert exported(text).input_ids == original(text).input_ids and exported.decode(exported(text).input_ids) == text
     card = open(os.path.join(folder, "README.md")).read()
-    assert str(root / "dense") in card and "256" in card
+    used = json.loads(open(os.path.join(checkpoint, "router_upcycling.json")).read())["calibration"]["tokens"]
+    assert str(root / "dense") in card and f"| calibration tokens | {used} (256 asked for: the calibration text ran out) |" in card
 
 
 def run_export(*args):

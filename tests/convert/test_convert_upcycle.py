@@ -9,6 +9,7 @@ from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
 from router_upcycling.convert.verify import load_megatron_model, verify
 from router_upcycling.mcore.model import MoESettings
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
+from router_upcycling.text import read_documents, token_chunks
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,12 @@ CASES = [
     ("gqa_untied", MoESettings(router="linear", num_experts=4, topk=2)),
     ("mha_tied", MoESettings(router="mlp", num_experts=4, topk=2)),
     ("gqa_tied", MoESettings(router="switch", num_experts=4)),
+    ("gqa_untied", MoESettings(router="locmoe", num_experts=4, topk=2)),
+    ("mha_tied", MoESettings(router="locmoe", num_experts=8, topk=1)),
 ]
 
 
-@pytest.mark.parametrize("model_name,moe", CASES, ids=lambda c: c if isinstance(c, str) else f"{c.router}-R{c.num_routers}-{c.aggregation}")
+@pytest.mark.parametrize("model_name,moe", CASES, ids=lambda c: c if isinstance(c, str) else f"{c.router}-R{c.num_routers}-N{c.num_experts}-k{c.topk}-{c.aggregation}")
 def test_upcycled_model_computes_dense_logits(tmp_path, dense_models, calib_file, model_name, moe):
     calib = CalibrationSettings(files=[calib_file], tokens=200, seq_length=16)
     checkpoint = upcycle(dense_models[model_name], str(tmp_path / "moe"), moe, calib, dtype="fp32", progress=False)
@@ -53,11 +56,16 @@ def test_upcycled_model_computes_dense_logits(tmp_path, dense_models, calib_file
 
 def test_mor_router_weights_come_from_attention(tmp_path, dense_models, calib_file):
     """The checkpoint's router queries are the dense q_proj head blocks (grouped), keys are finite and distinct."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     moe = MoESettings(router="mor", num_experts=8, topk=2, num_routers=8)
     calib = CalibrationSettings(files=[calib_file], tokens=300, seq_length=32)
     checkpoint = upcycle(dense_models["mha_tied"], str(tmp_path / "moe"), moe, calib, dtype="fp32", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(dense_models["mha_tied"])
+    available = sum(map(len, token_chunks(read_documents(calib_file), tokenizer, 10**9, 32)))
+    assert available < 300  # the one-page calibration file runs out: the checkpoint records what was used
+    metadata = json.loads(open(os.path.join(checkpoint, "router_upcycling.json")).read())
+    assert metadata["calibration"] == {"tokens": available, "requested_tokens": 300, "seq_length": 32, "files": [calib_file]}
     model, _ = load_megatron_model(checkpoint)
     dense = AutoModelForCausalLM.from_pretrained(dense_models["mha_tied"], dtype=torch.float32)
     for layer in range(2):

@@ -1,5 +1,6 @@
 """Evaluation and analysis of a real `mor` export (remote code): upcycle -> export -> eval / analyze."""
 import json
+import math
 import subprocess
 import sys
 
@@ -32,3 +33,12 @@ def test_eval_and_analyze_a_mor_export(tmp_path):
     assert result.returncode == 0, result.stderr
     load = json.loads((tmp_path / "load" / "load.json").read_text())
     assert (tmp_path / "load" / "load.png").is_file() and load
+
+    result = subprocess.run([sys.executable, "-m", "router_upcycling.analyze", "health", "--model", folder,
+                             "--data", str(calib), "--output", str(tmp_path / "health")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    health = json.loads((tmp_path / "health" / "health.json").read_text())
+    assert health["layers"] == [0, 1] and (tmp_path / "health" / "health.png").is_file()
+    for layer in health["routing_health"]:  # step 0: routers straight from the attention heads
+        assert 0.25 <= layer["max_share"] <= 1 and 0 <= layer["dead_experts"] <= 4 and 0.5 <= layer["top1_weight"] <= 1
+        assert layer["logit_std"] > 0 and 0 <= layer["entropy"] <= math.log(4)

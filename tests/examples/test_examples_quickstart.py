@@ -36,6 +36,8 @@ def test_smoke_run_writes_the_report_with_plots_and_tables(smoke_run):
     for heading in ("## Corpus", "## Continued training", "## Held-out evaluation", "## Routing diversity", "## Time per stage"):
         assert heading in report
     assert report.count(": OK") == 2  # both upcycled checkpoints computed the dense model's logits
+    calibration = json.loads((output / "upcycled" / "mor" / "router_upcycling.json").read_text())["calibration"]
+    assert f"average keys of {calibration['tokens']:,} calibration tokens" in report  # the count used, as recorded
     evaluation = json.loads((output / "evaluation.json").read_text())
     assert set(evaluation) == {"dense (before upcycling)", "vanilla", "mor"}
     assert all(set(per_domain) == {"code", "prose", "math"} for per_domain in evaluation.values())

@@ -59,6 +59,8 @@ def router_shapes(moe: dict, hidden: int) -> dict[str, tuple]:
         return {"query_weight": (moe["num_routers"], moe["router_dim"], hidden), "keys": (moe["num_keys"], moe["router_dim"])}
     if moe["router"] == "mlp":
         return {"fc1.weight": (hidden, hidden), "fc2.weight": (moe["num_experts"], hidden)}
+    if moe["router"] == "locmoe":
+        return {}  # GrAP has no parameters
     return {"weight": (moe["num_experts"], hidden)}
 
 

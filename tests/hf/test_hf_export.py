@@ -22,9 +22,10 @@ ROUTERS = {
     "linear": dict(router="linear"),
     "switch": dict(router="switch"),
     "mlp": dict(router="mlp"),
+    "locmoe": dict(router="locmoe"),
 }
 FOLDABLE = ["mor", "mor-R2-N4", "linear", "switch"]
-NOT_FOLDABLE = {"mor-max": "aggregation", "mor-multikey-R16-N8": "keys each", "mlp": "'mlp' router"}
+NOT_FOLDABLE = {"mor-max": "aggregation", "mor-multikey-R16-N8": "keys each", "mlp": "'mlp' router", "locmoe": "ReLU is not linear"}
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,9 @@ def reference_logits(block: Qwen2MoRSparseMoeBlock, config: Qwen2MoRConfig, x: t
         return torch.stack([gate.weight[i] @ x for i in range(config.num_experts)])
     if config.router_type == "mlp":
         return gate.fc2.weight @ F.gelu(gate.fc1.weight @ x)
+    if config.router_type == "locmoe":  # GrAP: ReLU of the mean of each of N contiguous channel groups
+        group = HIDDEN // config.num_experts
+        return torch.stack([F.relu(x[i * group:(i + 1) * group].mean()) for i in range(config.num_experts)])
     queries = [gate.query_weight[r] @ x for r in range(config.num_routers)]
     key_scores = []
     for key in gate.keys:
@@ -81,6 +84,8 @@ ROUTER_CASES = {
     "linear": dict(router_type="linear"),
     "switch": dict(router_type="switch"),
     "mlp": dict(router_type="mlp"),
+    "locmoe": dict(router_type="locmoe"),
+    "locmoe-N8-top1": dict(router_type="locmoe", num_experts=8, num_experts_per_tok=1),
 }
 
 
@@ -88,14 +93,17 @@ ROUTER_CASES = {
 def test_moe_layer_matches_loop_reference(case):
     config = tiny_config(**ROUTER_CASES[case])
     block = random_block(config)
-    hidden = torch.randn(2, 5, HIDDEN)
+    hidden = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(1))
+    if config.router_type == "locmoe":
+        # ReLU makes ties at 0 common, and torch.topk breaks ties its own way: keep every group mean positive
+        hidden = hidden.abs() + 0.1
     with torch.no_grad():
         out = block(hidden)
         expected = reference_moe_layer(block, config, hidden.view(-1, HIDDEN))
     torch.testing.assert_close(out.view(-1, HIDDEN), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("router_type", ["mor", "linear", "switch", "mlp"])
+@pytest.mark.parametrize("router_type", ["mor", "linear", "switch", "mlp", "locmoe"])
 def test_router_contract(router_type):
     config = tiny_config(router_type)
     gate = random_block(config).gate
@@ -132,6 +140,7 @@ def test_model_has_no_shared_expert():
         (dict(num_router_keys=6), "multiple of num_experts"),
         (dict(router_type="switch", num_experts_per_tok=2), "1 expert"),
         (dict(shared_expert_intermediate_size=16), "no shared expert"),
+        (dict(router_type="locmoe", num_experts=3), "divide hidden_size"),
     ],
 )
 def test_config_rejects_bad_router_fields(fields, message):

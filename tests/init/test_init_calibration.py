@@ -45,10 +45,12 @@ def reference_average_keys(model, chunks):
 def test_average_keys_match_direct_computation_and_ignore_batch_size(dense_model):
     model, tokenizer = dense_model
     documents = SAMPLE_TEXT * 10
-    averages = [
+    results = [
         average_attention_keys(model, tokenizer, documents, CALIBRATION_TOKENS, SEQ_LENGTH, batch_size=batch, progress=False)
         for batch in (1, 2, 3)
     ]
+    assert [result.tokens for result in results] == [CALIBRATION_TOKENS] * 3
+    averages = [result.keys for result in results]
     layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     assert averages[0].shape == (layers, kv_heads, 64 // 8) and averages[0].dtype == torch.float32
     assert not averages[0].requires_grad
@@ -61,7 +63,7 @@ def test_average_keys_match_direct_computation_and_ignore_batch_size(dense_model
 
 def test_routers_from_calibrated_model(dense_model):
     model, tokenizer = dense_model
-    avg_kv_keys = average_attention_keys(model, tokenizer, SAMPLE_TEXT, 64, 16, progress=False)
+    avg_kv_keys = average_attention_keys(model, tokenizer, SAMPLE_TEXT, 64, 16, progress=False).keys
     routers = init_routers_from_attention(model, avg_kv_keys, num_routers=4, num_experts=8)
     assert len(routers) == model.config.num_hidden_layers
     for layer, (query_weight, keys) in zip(model.model.layers, routers):
@@ -71,6 +73,15 @@ def test_routers_from_calibrated_model(dense_model):
         model.model.layers[1].self_attn.q_proj.weight.detach(), head_keys_from_kv(avg_kv_keys[1], 8), 8, 4, 8
     )
     assert torch.equal(routers[1][0], expected_query) and torch.equal(routers[1][1], expected_keys)
+
+
+def test_calibration_reports_the_tokens_used_when_the_text_runs_out(dense_model, caplog):
+    model, tokenizer = dense_model
+    available = sum(map(len, token_chunks(SAMPLE_TEXT, tokenizer, 10**9, 16)))
+    result = average_attention_keys(model, tokenizer, SAMPLE_TEXT, available + 1000, 16, progress=False)
+    assert result.tokens == available and f"calibration used {available} tokens" in caplog.text
+    exact = average_attention_keys(model, tokenizer, SAMPLE_TEXT, available, 16, progress=False)
+    torch.testing.assert_close(result.keys, exact.keys, rtol=0, atol=0)
 
 
 def test_calibration_restores_training_mode(dense_model):

@@ -1,11 +1,12 @@
-"""The Mixture-of-Routers router inside megatron-core's GPTModel, on CPU (gloo), 1 and 2 ranks."""
+"""Our routers inside megatron-core's GPTModel, on CPU (gloo), 1 and 2 ranks: Mixture-of-Routers, the
+baselines, and LocMoE's parameter-free GrAP gate with its locality loss."""
 import pytest
 import torch
 
 from distributed import run_distributed
 from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
 from router_upcycling.mcore.model import MoESettings, build_gpt_model, causal_attention_mask, transformer_config
-from router_upcycling.mor import mor_expert_logits
+from router_upcycling.mor import grap_expert_logits, locality_loss, mor_expert_logits, routing_distribution
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2, tiny_qwen2_config
 
 HF_CONFIG = tiny_qwen2_config(vocab_size=256, num_heads=8, num_kv_heads=4).to_dict()
@@ -119,7 +120,68 @@ def test_two_ranks_load_any_layout_and_match_dense(upcycled, parallel, backward)
             assert result["query_grad"] > 0 and result["keys_grad"] > 0, result
 
 
-@pytest.mark.parametrize("router", ["mor", "mlp", "switch"])
+def test_locmoe_router_has_no_parameters_and_gates_with_grap():
+    model = build(MoESettings(router="locmoe", num_experts=4, topk=2))
+    router = model.decoder.layers[0].mlp.router
+    assert router.weight is None and router.bias is None and not list(router.parameters())
+    assert not any(".router." in key for key in model.sharded_state_dict())
+    x = torch.randn(5, 3, 64)
+    torch.testing.assert_close(router.gating(x), grap_expert_logits(x.reshape(-1, 64), 4).view(5, 3, 4))
+    tokens, positions = tokens_and_positions()
+    model(tokens, positions, causal_attention_mask(16), labels=tokens).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def locality_gradient_closed_form(x: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """d KL(mean_t softmax(z_t) || uniform) / dx for z = ReLU(group means of x [T, d]), written out: [T, d].
+
+    With p_t = softmax(z_t), pbar = mean_t p_t, a_i = log(N pbar_i) + 1 (dKL/dpbar_i):
+    dKL/dz_ti = p_ti (a_i - sum_j p_tj a_j) / T; dz_ti/dx_tc = [mean_ti > 0] / g for c in group i.
+    """
+    tokens, hidden = x.shape
+    group = hidden // num_experts
+    means = x.view(tokens, num_experts, group).mean(-1)
+    probs = torch.softmax(means.clamp(min=0), dim=-1)
+    a = torch.log(num_experts * probs.mean(0)) + 1
+    d_logits = probs * (a - (probs * a).sum(-1, keepdim=True)) / tokens
+    return (d_logits * (means > 0) / group).repeat_interleave(group, dim=1)
+
+
+def test_locmoe_locality_loss_reaches_the_router_input_and_is_logged():
+    """Only the locality term is on (no load-balancing loss, no z-loss): the input's gradient is mu times the
+    closed-form gradient of KL(mean routing distribution || uniform); the tracker holds the KL per layer."""
+    from megatron.core.transformer.moe.moe_layer import get_default_pg_collection
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
+    )
+
+    from router_upcycling.mcore.model import router_builder
+
+    moe = MoESettings(router="locmoe", num_experts=4, topk=2)
+    build(moe)  # process groups
+    router = router_builder(moe, locality_coeff=0.3)(transformer_config(HF_CONFIG, moe), pg_collection=get_default_pg_collection())
+    router.set_layer_number(2)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    clear_aux_losses_tracker()
+    # [s, b, d], scaled so that group means (logits) spread the routing distribution well away from uniform
+    x = (4 * torch.randn(6, 2, 64, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    probs, routing_map = router(x)
+    assert probs.shape == routing_map.shape == (12, 4) and (routing_map.sum(-1) == 2).all()
+    probs.backward(torch.zeros_like(probs))  # nothing from the routing weights: the attached term alone
+    expected = locality_gradient_closed_form(x.detach().double().reshape(12, 64), 4)
+    assert expected.abs().max() > 1e-4  # a real gradient (each entry carries 1 / (T g) = 1 / 192)
+    torch.testing.assert_close(x.grad.double().reshape(12, 64), 0.3 * expected, rtol=1e-5, atol=1e-9)
+    logged = get_moe_layer_wise_logging_tracker()["locality_loss"]["values"]
+    expected_kl = locality_loss(routing_distribution(router.gating(x.detach()).view(12, 4)).mean(0))
+    torch.testing.assert_close(logged, torch.tensor([0.0, expected_kl.item()]))
+    clear_aux_losses_tracker()
+    router.eval()
+    with torch.no_grad():
+        router(x)
+    assert get_moe_layer_wise_logging_tracker()["locality_loss"]["values"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("router", ["mor", "mlp", "switch", "locmoe"])
 def test_routers_take_keywords_newer_megatron_core_passes(router):
     """megatron-core 0.17+ builds routers with `is_mtp_layer=...`; ours must not break at construction."""
     from megatron.core.transformer.moe.moe_layer import get_default_pg_collection

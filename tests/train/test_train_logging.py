@@ -1,11 +1,13 @@
 """TensorBoard and W&B (offline, no key) receive the same scalars as metrics.jsonl; read back from what they wrote."""
 import glob
+import itertools
 import json
 import os
 import struct
 
 import pytest
 
+from router_upcycling.routing_stats import HEALTH_KEYS
 from training_runs import run, train_flags, train_losses
 
 SCALARS = ("lm_loss", "lr", "grad_norm", "load_balancing_loss", "host_memory_mb")
@@ -49,8 +51,14 @@ def test_tensorboard_and_wandb_get_the_logged_scalars(inputs, tmp_path, monkeypa
     for name in SCALARS:
         assert name in events.Tags()["scalars"], events.Tags()
     assert {e.step: e.value for e in events.Scalars("lm_loss")} == pytest.approx(losses, abs=1e-6)
+    health = {r["step"]: r["routing_health"] for r in map(json.loads, open(save / "metrics.jsonl")) if "routing_health" in r}
+    for layer, name in itertools.product(range(2), HEALTH_KEYS):
+        tag = f"routing_health/layer{layer}/{name}"
+        assert {e.step: e.value for e in events.Scalars(tag)} == pytest.approx(
+            {step: layers[layer][name] for step, layers in health.items()}, abs=1e-6), tag
 
     [run_file] = glob.glob(os.path.join(save, "wandb", "offline-run-*", "run-*.wandb"))
     history = [row for row in wandb_history(run_file) if "lm_loss" in row]
     assert {row["_step"]: row["lm_loss"] for row in history} == pytest.approx(losses, abs=1e-6)
     assert all(name in history[-1] for name in SCALARS)
+    assert history[-1]["routing_health/layer1/top1_weight"] == pytest.approx(health[3][1]["top1_weight"])

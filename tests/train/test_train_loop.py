@@ -2,6 +2,7 @@
 checkpoint folder, exact resume, SIGTERM checkpoints and bad input (tests/train/training_runs.py has the
 tiny model). Parallel layouts and resharding: test_train_layouts.py."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from router_upcycling.mcore.checkpoint import read_tracker, resolve_iteration_dir
+from router_upcycling.routing_stats import HEALTH_KEYS
 from training_runs import STEPS, launch, run, train_flags, train_losses
 
 def test_straight_run_learns_and_writes_the_folder_contract(straight_run):
@@ -38,13 +40,25 @@ def test_straight_run_learns_and_writes_the_folder_contract(straight_run):
     assert 50 < step["host_memory_mb"] < 8000
     shares = torch.tensor(step["expert_token_share"])
     assert shares.shape == (2, 4) and torch.allclose(shares.sum(-1), torch.ones(2), atol=1e-3)
+    check_routing_health(step["routing_health"], shares, num_experts=4, topk=2)
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+
+
+def check_routing_health(health, shares, num_experts, topk):
+    """One dict per layer, every number within its range, max_share and dead experts as the token shares say."""
+    assert [list(layer) for layer in health] == [list(HEALTH_KEYS)] * len(shares)
+    for layer, layer_shares in zip(health, shares):
+        assert layer["max_share"] == pytest.approx(layer_shares.max().item(), abs=2e-5)
+        assert 1 / num_experts - 1e-4 <= layer["max_share"] <= 1
+        assert layer["dead_experts"] == int((layer_shares < 0.1 / num_experts).sum())
+        assert 1 / topk - 1e-4 <= layer["top1_weight"] <= 1
+        assert layer["logit_std"] > 0 and 0 <= layer["entropy"] <= math.log(num_experts) + 1e-4
 
 
 def test_resume_equals_straight_run_exactly(inputs, straight_run, resumable_at_8):
     save = resumable_at_8
     output = run(train_flags(inputs, save, "--load", str(save)))
-    assert "resuming at step 8" in output
+    assert "resuming at step 8" in output and "| max share 0." in output
     straight, resumed = train_losses(straight_run), train_losses(save)
     assert [resumed[step] for step in range(1, STEPS + 1)] == [straight[step] for step in range(1, STEPS + 1)]
 
@@ -104,6 +118,42 @@ def test_bad_blend_and_foreign_save_folder_are_refused(inputs, straight_run, tmp
     before = open(os.path.join(straight_run, "metrics.jsonl")).read()
     assert "already holds checkpoints" in user_error(train_flags(inputs, straight_run), capsys)
     assert open(os.path.join(straight_run, "metrics.jsonl")).read() == before
+
+
+def from_scratch_flags(inputs, save, *extra) -> list:
+    flags = train_flags(inputs, save, "--eval-iters", "0", *extra)
+    flags[flags.index("--pretrained-checkpoint"):flags.index("--pretrained-checkpoint") + 2] = [
+        "--from-scratch", "--model-config", inputs["dense"]]
+    return flags
+
+
+def test_from_scratch_locmoe_trains_with_its_locality_loss(inputs, tmp_path):
+    """LocMoE's parameter-free GrAP router with a locality loss strong enough to steer training, on 1 rank and
+    on 2 tensor-parallel ranks with sequence parallelism (each holds half of a micro-batch's tokens): the locality
+    loss is logged every step and is the micro-batch's on every layout, so both runs learn alike."""
+    records = {}
+    for layout, nproc, extra in (("one rank", 1, []), ("tp2", 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])):
+        save = tmp_path / layout.replace(" ", "_")
+        flags = from_scratch_flags(inputs, save, "--moe-router-type", "locmoe", "--locmoe-locality-coeff", "10", *extra)
+        flags[flags.index("--train-iters") + 1] = "3"
+        assert "locality loss" in run(flags, nproc=nproc)
+        assert json.loads(open(os.path.join(save, "router_upcycling.json")).read())["moe"]["router"] == "locmoe"
+        records[layout] = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+    for one, tp in zip(records["one rank"], records["tp2"], strict=True):
+        assert 0 < one["locality_loss"] < 0.1 and one["load_balancing_loss"] > 0, one
+        assert abs(one["locality_loss"] - tp["locality_loss"]) < 1e-6, (one, tp)
+        assert abs(one["grad_norm"] - tp["grad_norm"]) < 1e-4 and abs(one["lm_loss"] - tp["lm_loss"]) < 1e-5, (one, tp)
+    assert [r["step"] for r in records["tp2"]] == [1, 2, 3]
+
+
+def test_locmoe_flags_that_cannot_apply_are_refused(inputs, tmp_path, capsys):
+    flags = from_scratch_flags(inputs, tmp_path / "run", "--moe-router-type", "locmoe", "--num-experts", "6")
+    error = user_error(flags, capsys)
+    assert "--num-experts 6: " in error and "hidden size 64" in error and "expert counts that work: 2, 4, 8, 16, 32, 64" in error
+    flags = train_flags(inputs, tmp_path / "run", "--locmoe-locality-coeff", "0.1")
+    assert "applies to the locmoe router only; this model's router is mor" in user_error(flags, capsys)
+    assert "must be at least 0" in user_error(from_scratch_flags(inputs, tmp_path / "run", "--locmoe-locality-coeff", "-1"), capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_config_key_fails_in_the_real_cli_without_traceback(inputs, tmp_path):

@@ -1,0 +1,206 @@
+"""Why Router Upcycling trails vanilla upcycling in the quickstart: routing health and an ablation study.
+
+    python -m examples.quickstart.study --output runs/study --seeds 1 2 3
+
+Builds the quickstart's corpus, dense model and data (examples/quickstart/run.py, same settings), then
+trains every run below for every seed with the demo's continued-training recipe (300 steps, 2 ranks) and
+writes OUTPUT/study.md and OUTPUT/study.json:
+
+- routing health (`python -m router_upcycling.analyze health`) of the vanilla and Mixture-of-Routers
+  models at step 0 (their upcycled checkpoints, exported) and, from the training records, during training;
+- the ablation table: for each variant, the final validation loss of Router Upcycling minus that of the
+  vanilla run it is paired with (same seed, same data order, same training settings), mean ± std over seeds.
+
+Every stage skips when its output exists, so a stopped study resumes; --only NAME... trains a subset.
+"""
+import argparse
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from examples.quickstart.corpus import DOMAINS
+from examples.quickstart.pretrain_dense import DenseSettings
+from examples.quickstart.run import DemoSettings, Layout, Pipeline, QuickstartError, RunSpec, prepare_output
+from router_upcycling.cli import user_errors
+
+LONG_DENSE_STEPS = 4 * DenseSettings().steps
+MATCHED = "matched"  # placeholder for the router scale that matches vanilla's initial logit std
+
+
+def runs() -> Dict[str, RunSpec]:
+    """Every trained run. MoR's router dim in the quickstart is d_r = 128 / 8 = 16 (R = 8), 32 with R = 4."""
+    specs = [
+        RunSpec("vanilla", "linear"),
+        RunSpec("mor", "mor"),
+        RunSpec("mor-scale-inv-sqrt-dr", "mor", upcycle_flags=("--router-scale", "0.25")),
+        RunSpec("mor-scale-matched", "mor", upcycle_flags=("--router-scale", MATCHED)),
+        RunSpec("vanilla-aux-0.001", "linear", train_flags=("--moe-aux-loss-coeff", "0.001")),
+        RunSpec("mor-aux-0.001", "mor", train_flags=("--moe-aux-loss-coeff", "0.001")),
+        RunSpec("vanilla-aux-0.1", "linear", train_flags=("--moe-aux-loss-coeff", "0.1")),
+        RunSpec("mor-aux-0.1", "mor", train_flags=("--moe-aux-loss-coeff", "0.1")),
+        RunSpec("vanilla-zloss", "linear", train_flags=("--moe-z-loss-coeff", "1e-3")),
+        RunSpec("mor-zloss", "mor", train_flags=("--moe-z-loss-coeff", "1e-3")),
+        RunSpec("mor-calib-small", "mor", upcycle_flags=("--calib-tokens", "4096")),
+        RunSpec("mor-calib-4x", "mor", upcycle_flags=("--calib-tokens", "131072")),
+        RunSpec("mor-r4", "mor", upcycle_flags=("--num-routers", "4")),
+        RunSpec("mor-max", "mor", upcycle_flags=("--router-aggregation", "max")),
+        RunSpec("vanilla-long-dense", "linear", dense="dense-long"),
+        RunSpec("mor-long-dense", "mor", dense="dense-long"),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+# table row -> (Router Upcycling run, vanilla run it is paired with)
+ROWS = {
+    "paper setting (scale 1, aux 0.01, R = 8, sum, 32,768 calibration tokens)": ("mor", "vanilla"),
+    "router logit scale 1/sqrt(d_r) = 0.25": ("mor-scale-inv-sqrt-dr", "vanilla"),
+    "router logit scale matched to vanilla's initial logit std": ("mor-scale-matched", "vanilla"),
+    "--moe-aux-loss-coeff 0.001 (both runs)": ("mor-aux-0.001", "vanilla-aux-0.001"),
+    "--moe-aux-loss-coeff 0.1 (both runs)": ("mor-aux-0.1", "vanilla-aux-0.1"),
+    "--moe-z-loss-coeff 1e-3 (both runs)": ("mor-zloss", "vanilla-zloss"),
+    "calibration: 4,096 tokens (1/8)": ("mor-calib-small", "vanilla"),
+    "calibration: 131,072 tokens (4x)": ("mor-calib-4x", "vanilla"),
+    "R = 4 routers": ("mor-r4", "vanilla"),
+    "max aggregation": ("mor-max", "vanilla"),
+    f"dense model trained 4x longer ({LONG_DENSE_STEPS} steps), both runs": ("mor-long-dense", "vanilla-long-dense"),
+}
+HEALTH_KEYS = ("max_share", "dead_experts", "top1_weight", "logit_std", "entropy")
+
+
+class Study(Pipeline):
+    """The quickstart's stages, plus the long dense model, every run, step-0 health and the table."""
+
+    def long_dense(self) -> None:
+        from examples.quickstart.pretrain_dense import pretrain_dense
+
+        target = self.layout.root / "dense-long"
+        settings = replace(self.settings.dense, steps=LONG_DENSE_STEPS)
+        self.stage("dense (4x longer)", target.is_dir,
+                   lambda: pretrain_dense(str(self.layout.train_jsonl), str(target), settings, seed=0))
+        same = [name for name in ("tokenizer.json", "vocab.json") if (self.layout.dense / name).is_file()]
+        if any((target / name).read_bytes() != (self.layout.dense / name).read_bytes() for name in same):
+            raise QuickstartError("the long dense model's tokenizer differs from the data's; delete both and rerun")
+
+    def step0_health(self, run: RunSpec, seed: int) -> dict:
+        """Routing health of a run's upcycled checkpoint (step 0), on the held-out text of every domain."""
+        name = self.layout.upcycled_run(run, seed).name
+        export = self.layout.root / "step0" / "hf" / name
+        output = self.layout.root / "step0" / "health" / name
+        heldout = self.layout.root / "step0" / "heldout.jsonl"
+        if not heldout.is_file():
+            heldout.parent.mkdir(parents=True, exist_ok=True)
+            heldout.write_text("".join(self.layout.heldout(domain).read_text() for domain in DOMAINS))
+        command = ["export", "--checkpoint", str(self.layout.upcycled_run(run, seed)), "--output", str(export),
+                   "--format", "mor", "--dtype", "fp32"]
+        self.stage(f"export {name} (step 0)", export.is_dir, lambda: self.call(f"export {name} step 0", "convert", command))
+        command = ["health", "--model", str(export), "--data", str(heldout), "--output", str(output),
+                   "--seq-length", str(self.settings.dense.seq_length), "--max-tokens", str(self.settings.analysis_tokens),
+                   "--device", "cpu"]
+        self.stage(f"health {name} (step 0)", (output / "health.json").is_file,
+                   lambda: self.call(f"health {name} step 0", "analyze", command))
+        return json.loads((output / "health.json").read_text())
+
+    def matched_scale(self, seed: int) -> float:
+        """The router scale that gives MoR at step 0 the logit standard deviation of vanilla's random gate
+        (ratio of the layer-mean standard deviations)."""
+        catalogue = runs()
+        vanilla = self.step0_health(catalogue["vanilla"], seed)["routing_health"]
+        mor = self.step0_health(catalogue["mor"], seed)["routing_health"]
+        return statistics.mean(layer["logit_std"] for layer in vanilla) / statistics.mean(layer["logit_std"] for layer in mor)
+
+    def run_one(self, run: RunSpec, seed: int, scale: float) -> None:
+        if MATCHED in run.upcycle_flags:
+            run = replace(run, upcycle_flags=tuple(f"{scale:.6g}" if f == MATCHED else f for f in run.upcycle_flags))
+        self.upcycle(run.name, seed, run)
+        self.train(run.name, seed, run)
+
+    def run_study(self, selected: List[str]) -> None:
+        """One run at a time for every seed, in the table's order, and the table rewritten after each, so a
+        study stopped early still reports every row that finished (the long dense model's rows come last)."""
+        self.corpus()
+        self.dense()
+        self.data()
+        catalogue = runs()
+        order = [name for name in catalogue if name in selected]  # vanilla and mor first: the matched scale needs them
+        for seed in self.seeds:
+            for name in ("vanilla", "mor"):
+                self.run_one(catalogue[name], seed, 1.0)
+        scale = self.matched_scale(self.seeds[0])
+        step0 = {name: self.step0_health(catalogue[name], self.seeds[0]) for name in ("vanilla", "mor")}
+        for name in order:
+            if catalogue[name].dense == "dense-long":
+                self.long_dense()
+            for seed in self.seeds:
+                self.run_one(catalogue[name], seed, scale)
+            write_study(self.layout.root, self.seeds, selected, scale, step0)
+
+
+def records(save: Path) -> List[dict]:
+    path = save / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def final_val_loss(save: Path) -> Optional[float]:
+    values = [r["val_loss"] for r in records(save) if "val_loss" in r]
+    return values[-1] if values else None
+
+
+def health_over_training(save: Path) -> Dict[int, dict]:
+    """step -> layer-mean of each routing-health measure, from the training records."""
+    curve = {}
+    for record in records(save):
+        layers = record.get("routing_health")
+        if layers:
+            curve[record["step"]] = {key: statistics.mean(layer[key] for layer in layers) for key in HEALTH_KEYS}
+    return curve
+
+
+def mean_std(values: List[float]) -> str:
+    if not values:
+        return "not run"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):+.4f} ± {spread:.4f}"
+
+
+def write_study(root: Path, seeds: List[int], selected: List[str], scale: float, step0: Dict[str, dict]) -> None:
+    layout = Layout(root)
+    table, result = [], {"seeds": seeds, "matched_router_scale": scale, "step0_health": step0, "rows": {}, "runs": {}}
+    for name in selected:
+        result["runs"][name] = {seed: {"final_val_loss": final_val_loss(layout.trained(name, seed)),
+                                       "health": health_over_training(layout.trained(name, seed))} for seed in seeds}
+    for label, (mor, vanilla) in ROWS.items():
+        if mor not in selected or vanilla not in selected:
+            continue
+        differences = []
+        for seed in seeds:
+            a, b = result["runs"][mor][seed]["final_val_loss"], result["runs"][vanilla][seed]["final_val_loss"]
+            if a is not None and b is not None:
+                differences.append(a - b)
+        result["rows"][label] = {"mor": mor, "vanilla": vanilla, "differences": differences}
+        table.append(f"| {label} | {mean_std(differences)} | " + " | ".join(f"{d:+.4f}" for d in differences) + " |")
+    header = "| variant | MoR - vanilla, final val loss (mean ± std) | " + " | ".join(f"seed {s}" for s in seeds) + " |"
+    rule = "|---|---|" + "---|" * len(seeds)
+    (root / "study.json").write_text(json.dumps(result, indent=1) + "\n")
+    (root / "study.md").write_text("\n".join([header, rule, *table]) + "\n")
+    print(f"study: wrote {root / 'study.md'}", flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m examples.quickstart.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="runs/study", help="study folder (default runs/study)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default 1 2 3)")
+    parser.add_argument("--only", nargs="+", choices=list(runs()), help="train only these runs (vanilla and mor always)")
+    args = parser.parse_args(argv)
+    with user_errors():
+        root = Path(args.output).resolve()
+        settings = DemoSettings()
+        prepare_output(root, settings, fresh=False)
+        selected = list(dict.fromkeys(["vanilla", "mor", *(args.only or runs())]))
+        Study(Layout(root), settings, args.seeds).run_study(selected)
+
+
+if __name__ == "__main__":
+    main()
