@@ -47,3 +47,14 @@ def staged_output(output_dir: str, force: bool) -> Iterator[str]:
         shutil.rmtree(retired)
     else:
         os.rename(staging, output_dir)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a file through a temporary file beside it and a rename: readers see the old file or the new one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; the output should not be
+    os.replace(tmp, path)

@@ -5,27 +5,17 @@ import json
 import math
 import os
 import statistics
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from router_upcycling.train.metrics import read_metrics  # noqa: E402
+
 RUN_LABELS = {"vanilla": "vanilla upcycling (linear router)", "mor": "Router Upcycling (MoR)"}
 RUN_COLORS = {"vanilla": "tab:blue", "mor": "tab:red"}
-
-
-def read_metrics(path: str) -> Tuple[Dict[int, float], Dict[int, float]]:
-    """({step: lm_loss}, {step: val_loss}) of one training run's metrics.jsonl."""
-    train, valid = {}, {}
-    with open(path) as f:
-        for record in map(json.loads, filter(str.strip, f)):
-            if "lm_loss" in record:
-                train[record["step"]] = record["lm_loss"]
-            if "val_loss" in record:
-                valid[record["step"]] = record["val_loss"]
-    return train, valid
 
 
 def plot_loss_curves(metrics_files: Dict[str, str], path: str, title: str) -> None:

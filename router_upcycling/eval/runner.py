@@ -5,13 +5,13 @@ router_upcycling.eval.tasks). The model is loaded by lm-eval's HFLM with trust_r
 stock Qwen2 / Qwen2-MoE folders and our remote-code `mor` exports all load.
 """
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from router_upcycling.eval.report import group_scores
+from router_upcycling.outputs import write_text_atomic
 from router_upcycling.hf.loading import experts_kwargs
 from router_upcycling.eval.tasks import OUR_TASKS_DIR, EvalError, SuiteTask, write_offline_overrides
 
@@ -131,10 +131,4 @@ def check_output_path(path: str, force: bool) -> None:
 
 def write_json_atomic(data: dict, path: str) -> None:
     """Write to a temporary file beside path, then rename, so an interrupted run leaves nothing half-written."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(handle, "w") as file:
-        json.dump(data, file, indent=2)
-        file.write("\n")
-    os.replace(tmp, target)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

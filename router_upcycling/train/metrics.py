@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -145,6 +145,18 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def read_metrics(path: str) -> Tuple[Dict[int, float], Dict[int, float]]:
+    """({step: lm_loss}, {step: val_loss}) of a run's metrics.jsonl."""
+    train, valid = {}, {}
+    with open(path) as f:
+        for record in map(json.loads, filter(str.strip, f)):
+            if "lm_loss" in record:
+                train[record["step"]] = record["lm_loss"]
+            if "val_loss" in record:
+                valid[record["step"]] = record["val_loss"]
+    return train, valid
 
 
 def train_line(record: Dict, train_iters: int) -> str:

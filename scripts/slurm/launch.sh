@@ -11,7 +11,7 @@
 # Environment (optional):
 #   NPROC_PER_NODE   processes per node; default SLURM_GPUS_ON_NODE, else 8.
 #                    CPU runs set it (e.g. to SLURM_NTASKS on one node).
-#   LAUNCH_MODULE    Python module to run (default router_upcycling.train).
+#   LAUNCH_MODULE    Python module to run (default router_upcycling.train), or a script path ending in .py.
 #   PYTHON           interpreter; default the repository's .venv/bin/python when present, else python3.
 #   MASTER_ADDR, MASTER_PORT   override the values derived from the allocation.
 #   REQUEUE_ON_USR1  1 (default): after a SIGUSR1, node 0 requeues the job once torchrun has exited.
@@ -48,10 +48,11 @@ NODE_RANK="$SLURM_NODEID"
 NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 LAUNCH_MODULE="${LAUNCH_MODULE:-router_upcycling.train}"
 REQUEUE_ON_USR1="${REQUEUE_ON_USR1:-1}"
+if [[ "$LAUNCH_MODULE" == *.py ]]; then target=("$LAUNCH_MODULE"); else target=(-m "$LAUNCH_MODULE"); fi
 
 echo "== launch.sh | job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-?}) restart ${SLURM_RESTART_COUNT:-0}" \
      "| node ${NODE_RANK}/${NNODES} $(hostname) | ${NPROC_PER_NODE} processes" \
-     "| master ${MASTER_ADDR}:${MASTER_PORT} | python -m ${LAUNCH_MODULE} | $(date -Is)"
+     "| master ${MASTER_ADDR}:${MASTER_PORT} | python ${target[*]} | $(date -Is)"
 
 got_usr1=0
 trap 'got_usr1=1; echo "== launch.sh | node ${NODE_RANK}: SIGUSR1 received, waiting for the ranks to save and exit"' USR1
@@ -64,7 +65,7 @@ trap 'got_usr1=1; echo "== launch.sh | node ${NODE_RANK}: SIGUSR1 received, wait
         --nproc-per-node="$NPROC_PER_NODE" \
         --master-addr="$MASTER_ADDR" \
         --master-port="$MASTER_PORT" \
-        -m "$LAUNCH_MODULE" "$@"
+        "${target[@]}" "$@"
 ) &
 torchrun_pid=$!
 
