@@ -98,6 +98,7 @@ class Study(Pipeline):
         command = ["health", "--model", str(export), "--data", str(heldout), "--output", str(output),
                    "--seq-length", str(self.settings.dense.seq_length), "--max-tokens", str(self.settings.analysis_tokens),
                    "--device", "cpu"]
+        output.parent.mkdir(parents=True, exist_ok=True)
         self.stage(f"health {name} (step 0)", (output / "health.json").is_file,
                    lambda: self.call(f"health {name} step 0", "analyze", command))
         return json.loads((output / "health.json").read_text())
