@@ -12,7 +12,7 @@ from router_upcycling.selfcheck.sizes import REPO_ROOT
 
 # docs/performance.md: the 8x0.5B recipe on H100s
 TARGETS = {"tokens_per_sec": 55000, "mor_over_linear": 1.02}
-DISTRIBUTIONS = {"torch": ("torch",), "megatron_core": ("megatron-core", "megatron_core"),
+DISTRIBUTIONS = {"megatron_core": ("megatron-core", "megatron_core"),
                  "transformers": ("transformers",), "transformer_engine": ("transformer-engine", "transformer_engine")}
 
 
@@ -39,7 +39,10 @@ def versions() -> dict:
     commit = _git("rev-parse", "--short", "HEAD")
     if commit and _git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    return {"python": platform.python_version(),
+    import torch
+
+    # torch's own version string carries the build (2.13.0+cu130, +cpu) that the package metadata leaves out
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             **{key: _installed_version(names) for key, names in DISTRIBUTIONS.items()},
             "router_upcycling_commit": commit or None}
 
