@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "eval": ["lm-eval[hf]==0.4.13", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "lm-eval[hf]==0.4.13", "matplotlib>=3.8", "pyarrow>=15"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "lm-eval[hf]==0.4.13", "matplotlib>=3.8", "pyarrow>=15"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # --tensorboard-dir and --wandb-project (W&B runs offline without WANDB_API_KEY)
         "logging": ["tensorboard>=2.16", "wandb>=0.19"],

@@ -1,6 +1,5 @@
 """The self-check's results: `selfcheck.json` (headline figures first, then every measurement) and
 `selfcheck.md` (tables to paste into an issue)."""
-import datetime
 import importlib.metadata
 import json
 import os

@@ -69,7 +69,7 @@ def read_probe(out_dir: Path, run: int) -> list:
     return [json.loads((out_dir / f"run{run}_rank{rank}.json").read_text()) for rank in range(2)]
 
 
-def test_two_ranks_rendezvous_through_launch_sh(slurm_cluster, tmp_path):
+def test_two_ranks_rendezvous_through_launch_sh(slurm_cluster, tmp_path):  # noqa: F811
     job_file = tmp_path / "probe.sbatch"
     job_file.write_text(PROBE_JOB)
     rc, log = submit_and_wait(job_file, probe_env(tmp_path), timeout_s=120, log_dir=tmp_path)
@@ -90,7 +90,7 @@ def wait_for_files(paths, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def test_usr1_reaches_each_rank_once_and_requeues(slurm_cluster, tmp_path):
+def test_usr1_reaches_each_rank_once_and_requeues(slurm_cluster, tmp_path):  # noqa: F811
     """What --signal=USR1@180 does before the time limit, sent now with scancel: every rank gets SIGUSR1
     once, torchrun survives and exits cleanly after them, node 0 requeues, the restart runs to the end."""
     job_file = tmp_path / "probe.sbatch"
