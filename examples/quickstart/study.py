@@ -117,6 +117,11 @@ class Study(Pipeline):
         self.upcycle(run.name, seed, run)
         self.train(run.name, seed, run)
 
+    def report(self) -> None:
+        catalogue = runs()
+        step0 = {run: self.step0_health(catalogue[run], self.seeds[0]) for run in ("vanilla", "mor")}
+        write_study(self.layout.root, self.seeds, list(catalogue), self.matched_scale(self.seeds[0]), step0)
+
     def run_study(self, selected: List[str]) -> None:
         """Every run of one seed, then the next seed, the table rewritten after each run, so a study stopped
         early still reports every row it reached (vanilla and mor come first: the matched scale and the
@@ -145,7 +150,9 @@ def records(save: Path) -> List[dict]:
 
 
 def final_val_loss(save: Path) -> Optional[float]:
-    values = [r["val_loss"] for r in records(save) if "val_loss" in r]
+    """Validation loss at the last step; None while the run has not finished."""
+    last = DemoSettings().train_iters
+    values = [r["val_loss"] for r in records(save) if "val_loss" in r and r["step"] == last]
     return values[-1] if values else None
 
 
@@ -162,30 +169,72 @@ def health_over_training(save: Path) -> Dict[int, dict]:
 def mean_std(values: List[float]) -> str:
     if not values:
         return "not run"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.4f} ± {spread:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:+.4f} (1 seed)"
+    return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}"
+
+
+HEALTH_RUNS = ("vanilla", "mor", "mor-scale-inv-sqrt-dr", "mor-scale-matched")  # the health-during-training table
+HEALTH_STEPS = (5, 50, 150, 300)
+
+
+def health_cells(layers: List[dict]) -> str:
+    """Layer mean (min-max over layers) of each measure."""
+    cells = []
+    for key in HEALTH_KEYS:
+        values = [layer[key] for layer in layers]
+        cells.append(f"{statistics.mean(values):.3g} ({min(values):.3g}-{max(values):.3g})")
+    return " | ".join(cells)
+
+
+def health_tables(result: dict, seeds: List[int]) -> List[str]:
+    header = "| " + " | ".join(HEALTH_KEYS) + " |"
+    lines = ["## Routing health at step 0 (upcycled checkpoints, seed %d; layer mean (min-max))" % seeds[0], "",
+             "| run " + header, "|---|" + "---|" * len(HEALTH_KEYS)]
+    for name, health in result["step0_health"].items():
+        lines.append(f"| {name} | {health_cells(health['routing_health'])} |")
+    lines += ["", "## Routing health during training (layer mean, averaged over the seeds that ran)", "",
+              "| run | step " + header, "|---|---|" + "---|" * len(HEALTH_KEYS)]
+    for name in HEALTH_RUNS:
+        curves = [result["runs"].get(name, {}).get(seed, {}).get("health") or {} for seed in seeds]
+        for step in HEALTH_STEPS:
+            points = [curve[step] for curve in curves if step in curve]
+            if points:
+                cells = " | ".join(f"{statistics.mean(p[key] for p in points):.3g}" for key in HEALTH_KEYS)
+                lines.append(f"| {name} ({len(points)} seed{'s' * (len(points) > 1)}) | {step} | {cells} |")
+    return lines
 
 
 def write_study(root: Path, seeds: List[int], selected: List[str], scale: float, step0: Dict[str, dict]) -> None:
     layout = Layout(root)
     table, result = [], {"seeds": seeds, "matched_router_scale": scale, "step0_health": step0, "rows": {}, "runs": {}}
     for name in selected:
-        result["runs"][name] = {seed: {"final_val_loss": final_val_loss(layout.trained(name, seed)),
-                                       "health": health_over_training(layout.trained(name, seed))} for seed in seeds}
+        finished = {seed: final_val_loss(layout.trained(name, seed)) for seed in seeds}
+        result["runs"][name] = {seed: {"final_val_loss": loss,
+                                       "health": health_over_training(layout.trained(name, seed)) if loss is not None else {}}
+                                for seed, loss in finished.items()}
     for label, (mor, vanilla) in ROWS.items():
         if mor not in selected or vanilla not in selected:
             continue
-        differences = []
+        differences = {}
         for seed in seeds:
             a, b = result["runs"][mor][seed]["final_val_loss"], result["runs"][vanilla][seed]["final_val_loss"]
             if a is not None and b is not None:
-                differences.append(a - b)
+                differences[seed] = a - b
         result["rows"][label] = {"mor": mor, "vanilla": vanilla, "differences": differences}
-        table.append(f"| {label} | {mean_std(differences)} | " + " | ".join(f"{d:+.4f}" for d in differences) + " |")
+        cells = " | ".join(f"{differences[seed]:+.4f}" if seed in differences else "" for seed in seeds)
+        table.append(f"| {label} | {mean_std(list(differences.values()))} | {cells} |")
     header = "| variant | MoR - vanilla, final val loss (mean ± std) | " + " | ".join(f"seed {s}" for s in seeds) + " |"
     rule = "|---|---|" + "---|" * len(seeds)
+    timings = json.loads(layout.timings.read_text()) if layout.timings.is_file() else {}
+    trained = [seconds for stage, seconds in timings.items() if stage.startswith("train ")]
+    dense_long = timings.get("dense (4x longer)")
+    spent = (f"Training time of the study's {len(trained)} runs: {sum(trained) / 60:.0f} min"
+             + (f", plus {dense_long / 60:.0f} min for the long dense model" if dense_long else "")
+             + f" (2 ranks each, one thread per rank, on the 2-core machine). Matched router scale: {scale:.4g}.")
     (root / "study.json").write_text(json.dumps(result, indent=1) + "\n")
-    (root / "study.md").write_text("\n".join([header, rule, *table]) + "\n")
+    (root / "study.md").write_text("\n".join(["## Ablation: Router Upcycling minus vanilla upcycling, paired by seed", "",
+                                              header, rule, *table, "", spent, "", *health_tables(result, seeds)]) + "\n")
     print(f"study: wrote {root / 'study.md'}", flush=True)
 
 
@@ -195,13 +244,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--output", default="runs/study", help="study folder (default runs/study)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default 1 2 3)")
     parser.add_argument("--only", nargs="+", choices=list(runs()), help="train only these runs (vanilla and mor always)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: write study.md and study.json "
+                        "from the runs that finished (every row; those not run say so)")
     args = parser.parse_args(argv)
     with user_errors():
         root = Path(args.output).resolve()
         settings = DemoSettings()
         prepare_output(root, settings, fresh=False)
         selected = list(dict.fromkeys(["vanilla", "mor", *(args.only or runs())]))
-        Study(Layout(root), settings, args.seeds).run_study(selected)
+        study = Study(Layout(root), settings, args.seeds)
+        if args.report_only:
+            study.report()
+        else:
+            study.run_study(selected)
 
 
 if __name__ == "__main__":
