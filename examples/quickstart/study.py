@@ -149,6 +149,14 @@ def records(save: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def calibration_tokens_used(upcycled: Path) -> Optional[int]:
+    """What the upcycled checkpoint's metadata says calibration really used (not the count asked for)."""
+    metadata = upcycled / "router_upcycling.json"
+    if not metadata.is_file():
+        return None
+    return (json.loads(metadata.read_text()).get("calibration") or {}).get("tokens")
+
+
 def final_val_loss(save: Path) -> Optional[float]:
     """Validation loss at the last step; None while the run has not finished."""
     last = DemoSettings().train_iters
@@ -223,9 +231,12 @@ def write_study(root: Path, seeds: List[int], selected: List[str], scale: float,
                 differences[seed] = a - b
         result["rows"][label] = {"mor": mor, "vanilla": vanilla, "differences": differences}
         cells = " | ".join(f"{differences[seed]:+.4f}" if seed in differences else "" for seed in seeds)
-        table.append(f"| {label} | {mean_std(list(differences.values()))} | {cells} |")
-    header = "| variant | MoR - vanilla, final val loss (mean ± std) | " + " | ".join(f"seed {s}" for s in seeds) + " |"
-    rule = "|---|---|" + "---|" * len(seeds)
+        used = calibration_tokens_used(layout.upcycled_run(runs()[mor], seeds[0]))
+        result["rows"][label]["calibration_tokens_used"] = used
+        table.append(f"| {label} | {mean_std(list(differences.values()))} | {cells} | {f'{used:,}' if used else ''} |")
+    header = ("| variant | MoR - vanilla, final val loss (mean ± std) | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | MoR calibration tokens used |")
+    rule = "|---|---|" + "---|" * (len(seeds) + 1)
     timings = json.loads(layout.timings.read_text()) if layout.timings.is_file() else {}
     trained = [seconds for stage, seconds in timings.items() if stage.startswith("train ")]
     dense_long = timings.get("dense (4x longer)")
