@@ -8,7 +8,8 @@ PYTHON_LATEST ?= $(firstword $(shell python3.12 -c "" >/dev/null 2>&1 && echo py
 VENV_LATEST := .venv-mcore-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 # the tests that touch megatron-core: router, model, converter, training, export, self-check
-# pytest-xdist workers: the suite keeps about one core busy on its own, so two workers use a 2-core machine
+# pytest-xdist workers: the suite keeps about one core busy on its own, so two workers use a 2-core machine;
+# each test file runs on one worker, and the Slurm test modules take turns (tests/slurm_cluster.py)
 TEST_WORKERS ?= 2
 MCORE_TESTS := tests/test_mor_math.py tests/mcore tests/convert tests/train tests/hf tests/test_selfcheck.py
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 demo: setup
 	$(PY) -m examples.quickstart.run --output runs/quickstart
@@ -43,7 +44,7 @@ $(VENV_LATEST)/.installed: setup.py ci/megatron-core-latest.txt
 setup-latest: $(VENV_LATEST)/.installed
 
 test-latest: setup-latest
-	$(PY_LATEST) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10 $(MCORE_TESTS)
+	$(PY_LATEST) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 $(MCORE_TESTS)
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) *.egg-info

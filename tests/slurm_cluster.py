@@ -9,10 +9,13 @@ apt-get when missing, as root) and stops the daemons at the end of the module if
 When the cluster cannot be started the tests that use it are skipped with the reason, loudly
 (the suite runs with -ra).
 """
+import contextlib
+import fcntl
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -43,9 +46,27 @@ def _run_cluster_script(action: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(CLUSTER_SCRIPT), action], capture_output=True, text=True, timeout=600)
 
 
+@contextlib.contextmanager
+def _cluster_to_ourselves():
+    """The one-node cluster serves one test module at a time, also across pytest-xdist workers (`make test` runs
+    two): a module holds this lock from start to stop, so its jobs never queue behind another module's and no
+    module stops the cluster under another."""
+    with open(os.path.join(tempfile.gettempdir(), "router_upcycling_slurm.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster():
     """Start (or reuse) the local cluster; yields SLURM_CONF's path. Skips, with the reason, when it cannot."""
+    with _cluster_to_ourselves():
+        yield from _started_cluster()
+
+
+def _started_cluster():
     already_running = _run_cluster_script("status").returncode == 0
     if not already_running:
         started = time.monotonic()
