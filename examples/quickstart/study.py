@@ -24,6 +24,7 @@ from examples.quickstart.corpus import DOMAINS
 from examples.quickstart.pretrain_dense import DenseSettings
 from examples.quickstart.run import DemoSettings, Layout, Pipeline, QuickstartError, RunSpec, prepare_output
 from router_upcycling.cli import user_errors
+from router_upcycling.routing_stats import HEALTH_KEYS
 
 LONG_DENSE_STEPS = 4 * DenseSettings().steps
 MATCHED = "matched"  # placeholder for the router scale that matches vanilla's initial logit std
@@ -66,7 +67,6 @@ ROWS = {
     "max aggregation": ("mor-max", "vanilla"),
     f"dense model trained 4x longer ({LONG_DENSE_STEPS} steps), both runs": ("mor-long-dense", "vanilla-long-dense"),
 }
-HEALTH_KEYS = ("max_share", "dead_experts", "top1_weight", "logit_std", "entropy")
 
 
 class Study(Pipeline):
@@ -103,13 +103,11 @@ class Study(Pipeline):
                    lambda: self.call(f"health {name} step 0", "analyze", command))
         return json.loads((output / "health.json").read_text())
 
-    def matched_scale(self, seed: int) -> float:
-        """The router scale that gives MoR at step 0 the logit standard deviation of vanilla's random gate
-        (ratio of the layer-mean standard deviations)."""
+    def step0_baseline(self) -> Dict[str, dict]:
+        """Step-0 health of vanilla and mor for the first seed (the report's table and the matched scale)."""
         catalogue = runs()
-        vanilla = self.step0_health(catalogue["vanilla"], seed)["routing_health"]
-        mor = self.step0_health(catalogue["mor"], seed)["routing_health"]
-        return statistics.mean(layer["logit_std"] for layer in vanilla) / statistics.mean(layer["logit_std"] for layer in mor)
+        return {name: self.step0_health(catalogue[name], self.seeds[0]) for name in ("vanilla", "mor")}
+
 
     def run_one(self, run: RunSpec, seed: int, scale: Optional[float]) -> None:
         if MATCHED in run.upcycle_flags:
@@ -118,9 +116,8 @@ class Study(Pipeline):
         self.train(run.name, seed, run)
 
     def report(self) -> None:
-        catalogue = runs()
-        step0 = {run: self.step0_health(catalogue[run], self.seeds[0]) for run in ("vanilla", "mor")}
-        write_study(self.layout.root, self.seeds, list(catalogue), self.matched_scale(self.seeds[0]), step0)
+        step0 = self.step0_baseline()
+        write_study(self.layout.root, self.seeds, list(runs()), matched_scale(step0), step0)
 
     def run_study(self, selected: List[str]) -> None:
         """Every run of one seed, then the next seed, the table rewritten after each run, so a study stopped
@@ -137,11 +134,19 @@ class Study(Pipeline):
                 if catalogue[name].dense == "dense-long":
                     self.long_dense()
                 self.run_one(catalogue[name], seed, scale)
-                if scale is None and {"vanilla", "mor"} <= set(order[:order.index(name) + 1]):
-                    scale = self.matched_scale(self.seeds[0])
-                    step0 = {run: self.step0_health(catalogue[run], self.seeds[0]) for run in ("vanilla", "mor")}
+                if step0 is None and name == "mor":  # order starts vanilla, mor
+                    step0 = self.step0_baseline()
+                    scale = matched_scale(step0)
                 if step0 is not None:
                     write_study(self.layout.root, self.seeds, selected, scale, step0)
+
+
+def matched_scale(step0: Dict[str, dict]) -> float:
+    """The router scale that gives MoR at step 0 the logit standard deviation of vanilla's random gate
+    (ratio of the layer-mean standard deviations)."""
+    spread = {name: statistics.mean(layer["logit_std"] for layer in health["routing_health"])
+              for name, health in step0.items()}
+    return spread["vanilla"] / spread["mor"]
 
 
 def records(save: Path) -> List[dict]:
