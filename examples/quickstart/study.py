@@ -11,11 +11,15 @@ writes OUTPUT/study.md and OUTPUT/study.json:
 - the ablation table: for each variant, the final validation loss of Router Upcycling minus that of the
   vanilla run it is paired with (same seed, same data order, same training settings), mean ± std over seeds.
 
-Every stage skips when its output exists, so a stopped study resumes; --only NAME... trains a subset.
+Every stage skips when its output exists, so a stopped study resumes; --only NAME... trains a subset;
+--docs FILE also puts the report between FILE's study markers (docs/results.md has them).
 """
 import argparse
 import json
+import os
+import re
 import statistics
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -187,7 +191,8 @@ def mean_std(values: List[float]) -> str:
     return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}"
 
 
-HEALTH_RUNS = ("vanilla", "mor", "mor-scale-inv-sqrt-dr", "mor-scale-matched")  # the health-during-training table
+# the health-during-training table: the pair, the two scales, and the two variants that act on sharpness
+HEALTH_RUNS = ("vanilla", "mor", "mor-scale-inv-sqrt-dr", "mor-scale-matched", "mor-max", "mor-zloss")
 HEALTH_STEPS = (5, 50, 150, 300)
 
 
@@ -254,6 +259,31 @@ def write_study(root: Path, seeds: List[int], selected: List[str], scale: float,
     print(f"study: wrote {root / 'study.md'}", flush=True)
 
 
+DOCS_BLOCK = re.compile(r"(<!-- study:begin[^\n]*-->\n).*?(<!-- study:end -->)", re.S)
+
+
+def docs_with_markers(docs: Path) -> str:
+    """The file's text; a one-line error when it has no study block to fill (checked before any training)."""
+    text = docs.read_text() if docs.is_file() else ""
+    if not DOCS_BLOCK.search(text):
+        raise QuickstartError(f"{docs} has no '<!-- study:begin ... -->' ... '<!-- study:end -->' block to fill")
+    return text
+
+
+def fill_docs(docs: Path, report: str) -> None:
+    """Put the report (its headings one level down, the first dropped) between the file's study markers,
+    leaving the rest of the file as it was; written whole, then renamed."""
+    lines = report.strip().splitlines()[2:]  # the ablation heading: the document has its own
+    body = "\n".join("#" + line if line.startswith("## ") else line for line in lines)
+    text = DOCS_BLOCK.sub(lambda match: match.group(1) + body + "\n" + match.group(2), docs_with_markers(docs), count=1)
+    handle, temporary = tempfile.mkstemp(dir=docs.parent, prefix=f".{docs.name}.")
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.chmod(temporary, docs.stat().st_mode)
+    os.replace(temporary, docs)
+    print(f"study: filled {docs}", flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m examples.quickstart.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,8 +292,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--only", nargs="+", choices=list(runs()), help="train only these runs (vanilla and mor always)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: write study.md and study.json "
                         "from the runs that finished (every row; those not run say so)")
+    parser.add_argument("--docs", type=Path, help="also write the report between this file's study markers "
+                        "('<!-- study:begin ... -->' and '<!-- study:end -->'), e.g. docs/results.md")
     args = parser.parse_args(argv)
     with user_errors():
+        if args.docs:
+            docs_with_markers(args.docs)  # before hours of training
         root = Path(args.output).resolve()
         settings = DemoSettings()
         prepare_output(root, settings, fresh=False)
@@ -273,6 +307,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             study.report()
         else:
             study.run_study(selected)
+        if args.docs:
+            fill_docs(args.docs, (root / "study.md").read_text())
 
 
 if __name__ == "__main__":

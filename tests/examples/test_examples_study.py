@@ -8,7 +8,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # examples/ is not an installed package; it runs from the repository root
 
 from examples.quickstart.run import DemoSettings, Layout  # noqa: E402
-from examples.quickstart.study import HEALTH_KEYS, runs, write_study  # noqa: E402
+from examples.quickstart.run import QuickstartError  # noqa: E402
+from examples.quickstart.study import HEALTH_KEYS, fill_docs, runs, write_study  # noqa: E402
+import pytest  # noqa: E402
 
 LAST = DemoSettings().train_iters
 
@@ -55,3 +57,24 @@ def test_report_pairs_finished_runs_by_seed(tmp_path):
     assert "| mor (2 seeds) | 300 | 0.2 | 0 | 0.95 | 1 | 2 |" in table  # seed 3 has not finished
     result = json.loads((tmp_path / "study.json").read_text())
     assert result["matched_router_scale"] == 0.0143 and set(result["runs"]["vanilla"]["1"]["health"]["5"]) == set(HEALTH_KEYS)
+
+
+def test_docs_block_is_replaced_and_the_rest_kept(tmp_path):
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nbefore\n\n<!-- study:begin (note) -->\nold table\n<!-- study:end -->\n\nReading: kept\n")
+    report = "## Ablation\n\n| variant |\n|---|\n\n## Routing health at step 0\n\n| run |\n"
+
+    fill_docs(docs, report)
+
+    assert docs.read_text() == ("# Results\n\nbefore\n\n<!-- study:begin (note) -->\n| variant |\n|---|\n\n"
+                                "### Routing health at step 0\n\n| run |\n<!-- study:end -->\n\nReading: kept\n")
+    fill_docs(docs, report)  # idempotent: the block is found again and replaced
+    assert docs.read_text().count("### Routing health at step 0") == 1
+
+
+def test_docs_without_markers_is_a_one_line_error_and_untouched(tmp_path):
+    docs = tmp_path / "results.md"
+    docs.write_text("no markers here\n")
+    with pytest.raises(QuickstartError, match="no '<!-- study:begin"):
+        fill_docs(docs, "## Ablation\n\n| variant |\n")
+    assert docs.read_text() == "no markers here\n"
