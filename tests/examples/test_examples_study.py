@@ -9,7 +9,7 @@ sys.path.insert(0, str(REPO_ROOT))  # examples/ is not an installed package; it 
 
 from examples.quickstart.run import DemoSettings, Layout  # noqa: E402
 from examples.quickstart.run import QuickstartError  # noqa: E402
-from examples.quickstart.study import HEALTH_KEYS, fill_docs, runs, write_study  # noqa: E402
+from examples.quickstart.study import HEALTH_KEYS, fill_docs, main, runs, write_study  # noqa: E402
 import pytest  # noqa: E402
 
 LAST = DemoSettings().train_iters
@@ -78,3 +78,14 @@ def test_docs_without_markers_is_a_one_line_error_and_untouched(tmp_path):
     with pytest.raises(QuickstartError, match="no '<!-- study:begin"):
         fill_docs(docs, "## Ablation\n\n| variant |\n")
     assert docs.read_text() == "no markers here\n"
+
+
+def test_cli_docs_without_markers_stops_before_anything_is_written(tmp_path, capsys):
+    docs = tmp_path / "results.md"
+    docs.write_text("no markers here\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--output", str(tmp_path / "study"), "--report-only", "--docs", str(docs)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "study:begin" in err
+    assert not (tmp_path / "study").exists() and docs.read_text() == "no markers here\n"
