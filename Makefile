@@ -7,10 +7,10 @@ PYTHON_LATEST ?= $(firstword $(shell python3.12 -c "" >/dev/null 2>&1 && echo py
 	$(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/3.12*/bin/python3.12) $(wildcard /usr/bin/python3.12))
 VENV_LATEST := .venv-mcore-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
-# the tests that touch megatron-core: router, model, converter, training, export, self-check
 # pytest-xdist workers: the suite keeps about one core busy on its own, so two workers use a 2-core machine;
 # each test file runs on one worker, and the Slurm test modules take turns (tests/slurm_cluster.py)
 TEST_WORKERS ?= 2
+# the tests that touch megatron-core: router, model, converter, training, export, self-check
 MCORE_TESTS := tests/test_mor_math.py tests/mcore tests/convert tests/train tests/hf tests/test_selfcheck.py
 
 .PHONY: setup test demo clean setup-latest test-latest

@@ -52,11 +52,8 @@ def _cluster_to_ourselves():
     two): a module holds this lock from start to stop, so its jobs never queue behind another module's and no
     module stops the cluster under another."""
     with open(os.path.join(tempfile.gettempdir(), "router_upcycling_slurm.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 @pytest.fixture(scope="module")

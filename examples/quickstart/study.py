@@ -16,10 +16,8 @@ Every stage skips when its output exists, so a stopped study resumes; --only NAM
 """
 import argparse
 import json
-import os
 import re
 import statistics
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -28,6 +26,7 @@ from examples.quickstart.corpus import DOMAINS
 from examples.quickstart.pretrain_dense import DenseSettings
 from examples.quickstart.run import DemoSettings, Layout, Pipeline, QuickstartError, RunSpec, prepare_output
 from router_upcycling.cli import user_errors
+from router_upcycling.outputs import write_text_atomic
 from router_upcycling.routing_stats import HEALTH_KEYS
 
 LONG_DENSE_STEPS = 4 * DenseSettings().steps
@@ -111,7 +110,6 @@ class Study(Pipeline):
         """Step-0 health of vanilla and mor for the first seed (the report's table and the matched scale)."""
         catalogue = runs()
         return {name: self.step0_health(catalogue[name], self.seeds[0]) for name in ("vanilla", "mor")}
-
 
     def run_one(self, run: RunSpec, seed: int, scale: Optional[float]) -> None:
         if MATCHED in run.upcycle_flags:
@@ -223,6 +221,9 @@ def health_tables(result: dict, seeds: List[int]) -> List[str]:
     return lines
 
 
+REPORT_TITLE = "## Ablation: Router Upcycling minus vanilla upcycling, paired by seed"
+
+
 def write_study(root: Path, seeds: List[int], selected: List[str], scale: float, step0: Dict[str, dict]) -> None:
     layout = Layout(root)
     table, result = [], {"seeds": seeds, "matched_router_scale": scale, "step0_health": step0, "rows": {}, "runs": {}}
@@ -254,8 +255,8 @@ def write_study(root: Path, seeds: List[int], selected: List[str], scale: float,
              + (f", plus {dense_long / 60:.0f} min for the long dense model" if dense_long else "")
              + f" (2 ranks each, one thread per rank, on the 2-core machine). Matched router scale: {scale:.4g}.")
     (root / "study.json").write_text(json.dumps(result, indent=1) + "\n")
-    (root / "study.md").write_text("\n".join(["## Ablation: Router Upcycling minus vanilla upcycling, paired by seed", "",
-                                              header, rule, *table, "", spent, "", *health_tables(result, seeds)]) + "\n")
+    (root / "study.md").write_text("\n".join([REPORT_TITLE, "", header, rule, *table, "", spent, "",
+                                              *health_tables(result, seeds)]) + "\n")
     print(f"study: wrote {root / 'study.md'}", flush=True)
 
 
@@ -271,16 +272,12 @@ def docs_with_markers(docs: Path) -> str:
 
 
 def fill_docs(docs: Path, report: str) -> None:
-    """Put the report (its headings one level down, the first dropped) between the file's study markers,
-    leaving the rest of the file as it was; written whole, then renamed."""
-    lines = report.strip().splitlines()[2:]  # the ablation heading: the document has its own
+    """Put the report (without its title: the document has its own; other headings one level down) between the
+    file's study markers, leaving the rest of the file as it was; written whole, then renamed."""
+    lines = report.removeprefix(REPORT_TITLE).strip().splitlines()
     body = "\n".join("#" + line if line.startswith("## ") else line for line in lines)
     text = DOCS_BLOCK.sub(lambda match: match.group(1) + body + "\n" + match.group(2), docs_with_markers(docs), count=1)
-    handle, temporary = tempfile.mkstemp(dir=docs.parent, prefix=f".{docs.name}.")
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.chmod(temporary, docs.stat().st_mode)
-    os.replace(temporary, docs)
+    write_text_atomic(str(docs), text)
     print(f"study: filled {docs}", flush=True)
 
 

@@ -4,13 +4,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # examples/ is not an installed package; it runs from the repository root
 
-from examples.quickstart.run import DemoSettings, Layout  # noqa: E402
-from examples.quickstart.run import QuickstartError  # noqa: E402
-from examples.quickstart.study import HEALTH_KEYS, fill_docs, main, runs, write_study  # noqa: E402
-import pytest  # noqa: E402
+from examples.quickstart.run import DemoSettings, Layout, QuickstartError  # noqa: E402
+from examples.quickstart.study import HEALTH_KEYS, REPORT_TITLE, fill_docs, main, runs, write_study  # noqa: E402
 
 LAST = DemoSettings().train_iters
 
@@ -62,7 +62,7 @@ def test_report_pairs_finished_runs_by_seed(tmp_path):
 def test_docs_block_is_replaced_and_the_rest_kept(tmp_path):
     docs = tmp_path / "results.md"
     docs.write_text("# Results\n\nbefore\n\n<!-- study:begin (note) -->\nold table\n<!-- study:end -->\n\nReading: kept\n")
-    report = "## Ablation\n\n| variant |\n|---|\n\n## Routing health at step 0\n\n| run |\n"
+    report = REPORT_TITLE + "\n\n| variant |\n|---|\n\n## Routing health at step 0\n\n| run |\n"
 
     fill_docs(docs, report)
 
