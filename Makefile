@@ -11,7 +11,7 @@ PY_LATEST := $(VENV_LATEST)/bin/python
 # each test file runs on one worker, and the Slurm test modules take turns (tests/slurm_cluster.py)
 TEST_WORKERS ?= 2
 # the tests that touch megatron-core: router, model, converter, training, export, self-check
-MCORE_TESTS := tests/test_mor_math.py tests/mcore tests/convert tests/train tests/hf tests/test_selfcheck.py
+MCORE_TESTS := tests/test_mor_math.py tests/settings tests/mcore tests/convert tests/train tests/hf tests/test_selfcheck.py
 
 .PHONY: setup test demo clean setup-latest test-latest
 

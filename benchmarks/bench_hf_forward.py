@@ -14,8 +14,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from router_upcycling.convert.hf_export import expected_mor_shapes, mor_config, write_mor_folder, write_qwen2_moe_folder
-from router_upcycling.mor import num_router_keys
+from router_upcycling.convert.hf_export import expected_mor_shapes, mor_config, write_mor_folder, write_stock_folder
+from router_upcycling.settings.moe import MoESettings
+from router_upcycling.settings.routers import DEFAULT_ROUTER
 from router_upcycling.testing import tiny_qwen2_config, train_tokenizer
 
 
@@ -69,16 +70,12 @@ def main() -> None:
         vocab_size=1024, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
         intermediate_size=args.intermediate, max_position_embeddings=max(args.seq, 256),
     ).to_dict()
-    moe = {
-        "num_experts": args.experts, "topk": args.topk, "router": "mor", "num_routers": args.routers,
-        "router_dim": args.hidden // args.routers, "num_keys": num_router_keys(args.routers, args.experts),
-        "aggregation": "sum", "router_scale": 1.0,
-    }
+    moe = MoESettings(num_experts=args.experts, topk=args.topk, router=DEFAULT_ROUTER, num_routers=args.routers)
     tensors = random_tensors(mor_config(hf_config, moe, torch.float32), torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as work:
         train_tokenizer().save_pretrained(f"{work}/tokenizer")
         write_mor_folder(tensors, hf_config, moe, f"{work}/tokenizer", f"{work}/mor", dtype=torch.float32)
-        write_qwen2_moe_folder(tensors, hf_config, moe, f"{work}/tokenizer", f"{work}/stock", dtype=torch.float32)
+        write_stock_folder(tensors, hf_config, moe, f"{work}/tokenizer", f"{work}/stock", dtype=torch.float32)
         load = dict(dtype=torch.float32, experts_implementation=args.experts_implementation)
         models = {
             "mor": AutoModelForCausalLM.from_pretrained(f"{work}/mor", trust_remote_code=True, **load).eval(),

@@ -12,14 +12,11 @@ import time
 
 import torch
 
-from router_upcycling.mcore.model import MoESettings, build_gpt_model, causal_attention_mask, transformer_config
+from router_upcycling.mcore.model import build_gpt_model, causal_attention_mask, transformer_config
 from router_upcycling.mcore.parallel import initialize_distributed
-
-
-def hf_config(args) -> dict:
-    return {"hidden_size": args.hidden, "intermediate_size": args.hidden * 11 // 4, "num_hidden_layers": args.layers,
-            "num_attention_heads": args.heads, "num_key_value_heads": args.heads, "vocab_size": 4096,
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True}
+from router_upcycling.settings.moe import MoESettings
+from router_upcycling.settings.routers import BASELINE_ROUTER, DEFAULT_ROUTER
+from router_upcycling.testing import qwen2_architecture
 
 
 def timed(fn) -> float:
@@ -42,12 +39,12 @@ def main() -> None:
     args = parser.parse_args()
 
     initialize_distributed(seed=0)
-    config_dict = hf_config(args)
+    arch = qwen2_architecture(args.hidden, args.layers, args.heads, vocab_size=4096)
     models = {}
-    for router in ("mor", "linear"):
+    for router in (DEFAULT_ROUTER, BASELINE_ROUTER):
         moe = MoESettings(router=router, num_experts=args.experts, topk=args.topk)
         torch.manual_seed(0)
-        models[router] = build_gpt_model(config_dict, moe, transformer_config(config_dict, moe, moe_aux_loss_coeff=0.01))
+        models[router] = build_gpt_model(arch, moe, transformer_config(arch, moe, moe_aux_loss_coeff=0.01))
     tokens = torch.randint(0, 4096, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(args.seq)[None].expand(args.batch, -1)
     mask = causal_attention_mask(args.seq)
@@ -79,8 +76,8 @@ def main() -> None:
         print(f"{name:7s} forward+backward median {1e3 * statistics.median(times['step']):8.1f} ms, "
               f"fastest {1e3 * min(times['step']):8.1f} ms | router gating fwd+bwd median "
               f"{1e3 * statistics.median(times['router']):.3f} ms")
-    median_ratio = statistics.median(results["mor"]["step"]) / statistics.median(results["linear"]["step"])
-    fastest_ratio = min(results["mor"]["step"]) / min(results["linear"]["step"])
+    mor, linear = results[DEFAULT_ROUTER]["step"], results[BASELINE_ROUTER]["step"]
+    median_ratio, fastest_ratio = statistics.median(mor) / statistics.median(linear), min(mor) / min(linear)
     print(f"MoR / linear: median {median_ratio:.3f}x, fastest {fastest_ratio:.3f}x (target <= 1.02x)")
 
 

@@ -23,14 +23,15 @@ STEP_LINE = re.compile(r"^step (\d+)/")
 
 def make_inputs(root: str) -> dict:
     from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
-    from router_upcycling.mcore.model import MoESettings
+    from router_upcycling.settings.moe import MoESettings
+    from router_upcycling.settings.routers import DEFAULT_ROUTER
     from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2, write_token_documents
 
     dense = make_dense_qwen2(os.path.join(root, "dense"), num_heads=8, num_kv_heads=8, seed=1)
     calib = os.path.join(root, "calib.jsonl")
     with open(calib, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in SAMPLE_TEXT)
-    checkpoint = upcycle(dense, os.path.join(root, "moe"), MoESettings(router="mor", num_experts=4, topk=2),
+    checkpoint = upcycle(dense, os.path.join(root, "moe"), MoESettings(router=DEFAULT_ROUTER, num_experts=4, topk=2),
                          CalibrationSettings(files=[calib], tokens=200, seq_length=16), dtype="fp32", progress=False)
     write_token_documents(os.path.join(root, "tokens_text_document"), num_docs=2000)
     return {"checkpoint": checkpoint, "data": os.path.join(root, "tokens_text_document")}

@@ -21,25 +21,22 @@ import time
 
 import torch
 
-from router_upcycling.mcore.model import MoESettings
 from router_upcycling.mcore.parallel import current_device, initialize_distributed
 from router_upcycling.selfcheck.speed import synthetic_batches
+from router_upcycling.settings.moe import MoESettings
+from router_upcycling.settings.routers import BASELINE_ROUTER, DEFAULT_ROUTER
+from router_upcycling.testing import qwen2_architecture
 from router_upcycling.train import metrics
-from router_upcycling.train.arguments import build_parser
-from router_upcycling.train.build import ModelSource, build_model, wrap_for_training
+from router_upcycling.train.build import build_model, wrap_for_training
+from router_upcycling.train.config import TrainingConfig
+from router_upcycling.train.source import ModelSource
 from router_upcycling.train.step import make_forward_step, train_step
 
 # --compare: (name, router, count routing health) of the candidate, then of the baseline it is divided by
 COMPARISONS = {
-    "routers": (("mor", "mor", False), ("linear", "linear", False)),
-    "health": (("mor+health", "mor", True), ("mor", "mor", False)),
+    "routers": ((DEFAULT_ROUTER, DEFAULT_ROUTER, False), (BASELINE_ROUTER, BASELINE_ROUTER, False)),
+    "health": ((f"{DEFAULT_ROUTER}+health", DEFAULT_ROUTER, True), (DEFAULT_ROUTER, DEFAULT_ROUTER, False)),
 }
-
-
-def hf_config(hidden: int, layers: int, heads: int, vocab: int) -> dict:
-    return {"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True}
 
 
 class CountingClock:
@@ -84,20 +81,18 @@ def main() -> None:
     bench = parser.parse_args()
 
     initialize_distributed(seed=0)
-    train_args = build_parser().parse_args([
-        "--train-iters", "1", "--seq-length", str(bench.seq), "--micro-batch-size", str(bench.micro),
-        "--global-batch-size", str(bench.micro), "--lr", "1e-4",
-    ])
-    config = hf_config(bench.hidden, bench.layers, bench.heads, bench.vocab)
+    train_config = TrainingConfig(train_iters=1, seq_length=bench.seq, micro_batch_size=bench.micro,
+                                  global_batch_size=bench.micro, lr=1e-4, transformer_impl="local")
+    arch = qwen2_architecture(bench.hidden, bench.layers, bench.heads, bench.vocab)
     forward_step_func = make_forward_step(bench.seq, current_device())
     runs, counters = {}, {}
     for name, router, health in COMPARISONS[bench.compare]:
         moe = MoESettings(num_experts=bench.experts, topk=2, router=router)
         torch.manual_seed(0)
-        model = build_model(train_args, ModelSource({"hf_config": config, "moe": moe.to_dict(config)}, None, "", None))
+        model = build_model(train_config, ModelSource({}, arch, moe, None, "", None))
         if health:
             counters[name] = metrics.RoutingCounter(model, current_device())
-        runs[name] = wrap_for_training(model, train_args)
+        runs[name] = wrap_for_training(model, train_config)
 
     times = {name: [] for name in runs}  # (wall, CPU) seconds per step
     clock, counting = CountingClock(), []
@@ -107,7 +102,7 @@ def main() -> None:
             model, optimizer = runs[name]
             start, cpu_start = time.perf_counter(), time.process_time()
             train_step(model, optimizer, synthetic_batches(bench.micro, bench.seq, bench.vocab, current_device()),
-                       forward_step_func, 1, train_args, current_device())
+                       forward_step_func, 1, train_config, current_device())
             if name in counters:
                 clock.report(counters[name])
             if step >= bench.warmup:

@@ -21,6 +21,8 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
+from router_upcycling.settings.routers import BASELINE_ROUTER, DEFAULT_ROUTER, get_router
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -83,8 +85,7 @@ def least_possible_work(dense_dir: str, target: str) -> float:
 CHILD = """
 import json, sys, time
 start = time.perf_counter()
-sys.path.insert(0, {repo!r})
-from tools.convert_checkpoint import main
+from router_upcycling.commands.convert import main
 import router_upcycling.convert.upcycle, router_upcycling.mcore.model, transformers  # the fixed cost, timed apart
 imported = time.perf_counter()
 if __name__ == "__main__":
@@ -132,7 +133,7 @@ def folder_bytes(folder: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed at the end)")
-    parser.add_argument("--router", choices=["linear", "mor"], default="linear",
+    parser.add_argument("--router", choices=[BASELINE_ROUTER, DEFAULT_ROUTER], default=BASELINE_ROUTER,
                         help="mor adds calibration (a forward pass of the dense model) on top of the I/O measured here")
     parser.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens when --router mor")
     args = parser.parse_args()
@@ -144,7 +145,7 @@ def main() -> None:
         os.remove(os.path.join(workdir, "floor.bin"))
         convert_args = ["upcycle", "--hf-model", dense_dir, "--output", os.path.join(workdir, "moe"),
                         "--num-experts", str(NUM_EXPERTS), "--router", args.router, "--dtype", "bf16", "--force"]
-        if args.router == "mor":
+        if get_router(args.router).needs_calibration:
             calib = os.path.join(workdir, "calib.jsonl")
             with open(calib, "w") as f:
                 for i in range(2000):

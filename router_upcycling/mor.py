@@ -13,17 +13,12 @@ Shape legend
 Key-to-expert map: expert i holds keys {i, i + N, i + 2N, ...} (K / N keys each). With R >= N
 these are router keys {i, i+N, ...}; with R < N there are N keys, key j initialised from
 router j mod R (see router_upcycling.init), so every expert holds exactly one key.
+
+Which settings fit which models (router, expert and head counts) is not the math's concern: the
+router registry (router_upcycling.settings.routers) holds those rules; the functions here only
+refuse shapes they cannot compute.
 """
-from typing import Optional
-
 import torch
-
-AGGREGATIONS = ("sum", "max")
-
-
-def num_router_keys(num_routers: int, num_experts: int) -> int:
-    """K, the number of expert keys per layer: max(R, N)."""
-    return max(num_routers, num_experts)
 
 
 def expert_key_indices(num_experts: int, num_keys: int) -> torch.Tensor:
@@ -52,7 +47,7 @@ def key_scores(x: torch.Tensor, query_weight: torch.Tensor, keys: torch.Tensor, 
         num_routers, router_dim, hidden = query_weight.shape
         queries = (x @ query_weight.reshape(num_routers * router_dim, hidden).t()).view(-1, num_routers, router_dim)
         return (queries @ keys.t()).amax(dim=1)  # [T, R, K] -> [T, K]
-    raise ValueError(f"unknown router aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+    raise ValueError(f"unknown router aggregation {aggregation!r}; expected 'sum' or 'max'")
 
 
 def mor_expert_logits(
@@ -84,51 +79,24 @@ def mor_expert_logits(
     return scores * scale if scale != 1.0 else scores
 
 
-def can_fold(num_keys: int, num_experts: int, aggregation: str) -> bool:
-    """True when the Mixture-of-Routers equals a linear gate: `sum` aggregation, one key per expert."""
-    return aggregation == "sum" and num_keys == num_experts
-
-
-def fold_reason(num_keys: int, num_experts: int, aggregation: str) -> Optional[str]:
-    """Why the router cannot be folded to a linear gate, or None when it can."""
-    if aggregation != "sum":
-        return f"'{aggregation}' aggregation over routers is not linear in the input"
-    if num_keys != num_experts:
-        return f"experts hold {num_keys // num_experts} keys each and take the max over them"
-    return None
-
-
 def fold_to_linear_gate(query_weight: torch.Tensor, keys: torch.Tensor, num_experts: int, aggregation: str = "sum", scale: float = 1.0) -> torch.Tensor:
     """The linear gate G = scale * K @ sum_r W_r that computes the same logits, [N, d].
+
+    Only `sum` aggregation with one key per expert is linear in the input (max over routers or over an
+    expert's keys is not).
 
     Args:
         query_weight: [R, d_r, d].
         keys: [N, d_r] (one key per expert).
     """
-    reason = fold_reason(keys.shape[0], num_experts, aggregation)
-    if reason:
-        raise ValueError(f"this router has no linear-gate form: {reason}")
+    if aggregation != "sum" or keys.shape[0] != num_experts:
+        raise ValueError(f"a Mixture-of-Routers with {aggregation!r} aggregation and {keys.shape[0]} keys for "
+                         f"{num_experts} experts has no linear-gate form")
     gate = keys @ query_weight.sum(0)
     return gate * scale if scale != 1.0 else gate
 
 
 # ---------------------------------------------------------------- LocMoE (arXiv 2401.13920)
-
-GRAP_MAX_EXPERTS = 256  # the largest expert count a GrAP refusal suggests
-
-
-def grap_expert_counts(hidden_size: int, max_experts: int = GRAP_MAX_EXPERTS) -> list[int]:
-    """Expert counts N in [2, max_experts] that cut `hidden_size` channels into equal GrAP groups."""
-    return [n for n in range(2, min(hidden_size, max_experts) + 1) if hidden_size % n == 0]
-
-
-def check_grap_split(hidden_size: int, num_experts: int) -> None:
-    """Raise ValueError, naming the expert counts that work, unless N divides d."""
-    if hidden_size % num_experts:
-        counts = ", ".join(map(str, grap_expert_counts(hidden_size)))
-        raise ValueError(f"the LocMoE (GrAP) gate cuts the hidden size {hidden_size} into one equal channel group per "
-                         f"expert, and {num_experts} does not divide it; expert counts that work: {counts}")
-
 
 def grap_expert_logits(x: torch.Tensor, num_experts: int) -> torch.Tensor:
     """LocMoE's GrAP gate (section 3.2, Eq. 4): z_i = ReLU(mean of channel group i), no parameters.
@@ -143,7 +111,8 @@ def grap_expert_logits(x: torch.Tensor, num_experts: int) -> torch.Tensor:
     Returns:
         z [T, N].
     """
-    check_grap_split(x.shape[-1], num_experts)
+    if x.shape[-1] % num_experts:
+        raise ValueError(f"the GrAP gate cannot cut {x.shape[-1]} channels into {num_experts} equal groups")
     return torch.relu(x.view(x.shape[0], num_experts, -1).mean(-1))  # [T, N, g] -> [T, N]
 
 

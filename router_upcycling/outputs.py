@@ -12,9 +12,10 @@ class OutputExistsError(UserError):
     """The destination exists and replacing it was not asked for."""
 
 
-def refuse_existing(output_dir: str, force: bool) -> None:
-    if os.path.exists(output_dir) and not force:
-        raise OutputExistsError(f"output {os.path.abspath(output_dir)} exists; pass --force to replace it")
+def refuse_existing(output: str, force: bool) -> None:
+    """The one refusal of an existing output (file or folder) that --force was not given to replace."""
+    if os.path.exists(output) and not force:
+        raise OutputExistsError(f"output {os.path.abspath(output)} exists; pass --force to replace it")
 
 
 def _current_umask() -> int:
@@ -49,12 +50,27 @@ def staged_output(output_dir: str, force: bool) -> Iterator[str]:
         os.rename(staging, output_dir)
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write a file through a temporary file beside it and a rename: readers see the old file or the new one."""
+@contextlib.contextmanager
+def staged_file(path: str) -> Iterator[str]:
+    """A temporary file name beside `path` (same suffix) that replaces `path` only when the body finishes without
+    error; on any error the temporary file is removed and an existing file is untouched. Readers see the old file
+    or the new one."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    with os.fdopen(handle, "w") as file:
+    name = os.path.basename(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1], dir=parent)
+    os.close(handle)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; the output should not be
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a file through a temporary file beside it and a rename: readers see the old file or the new one."""
+    with staged_file(path) as tmp, open(tmp, "w") as file:
         file.write(text)
-    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; the output should not be
-    os.replace(tmp, path)

@@ -27,6 +27,7 @@ import numpy
 from tqdm import tqdm
 
 from router_upcycling.errors import UserError
+from router_upcycling.outputs import refuse_existing
 from router_upcycling.text import batched
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -249,9 +250,8 @@ def preprocess(config: PreprocessConfig) -> List[OutputSummary]:
         raise PreprocessError(f"--log-interval must be at least 1, got {config.log_interval}")
     files = expand_inputs(config.inputs)
     prefixes = [output_prefix_for(config.output_prefix, key) for key in config.json_keys]
-    existing = _existing_outputs(prefixes)
-    if existing and not config.force:
-        raise PreprocessError(f"{existing[0]} exists; pass --force to replace it")
+    for path in _existing_outputs(prefixes):
+        refuse_existing(path, config.force)
     output_dir = Path(config.output_prefix).parent
     if not output_dir.is_dir():
         raise PreprocessError(f"output folder {output_dir} does not exist")

@@ -72,6 +72,19 @@ def tiny_qwen2_config(
     )
 
 
+def qwen2_architecture(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 8, vocab_size: int = 512,
+                       intermediate_size: Optional[int] = None, num_kv_heads: Optional[int] = None):
+    """The typed Architecture of a Qwen2 model of these sizes (tied embeddings), without building one."""
+    from router_upcycling.settings.architecture import Architecture
+
+    return Architecture(
+        family="qwen2", num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
+        num_kv_heads=num_kv_heads or num_heads, head_dim=hidden_size // num_heads,
+        ffn_hidden_size=intermediate_size or hidden_size * 11 // 4, vocab_size=vocab_size, max_position_embeddings=4096,
+        tie_embeddings=True, qkv_bias=True, qk_norm=False, norm_eps=1e-6, rope_theta=10000.0,
+    )
+
+
 def make_dense_qwen2(output_dir: str, seed: int = 0, std: float = 0.08, tokenizer=None, **config_kwargs) -> str:
     """Write a tiny random Qwen2ForCausalLM (float32 safetensors) and its tokenizer to output_dir.
 

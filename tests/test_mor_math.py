@@ -5,10 +5,13 @@ import math
 import pytest
 import torch
 
+from router_upcycling.errors import SettingError
 from router_upcycling.mor import (
-    can_fold, check_grap_split, expert_key_indices, fold_reason, fold_to_linear_gate, grap_expert_counts,
-    grap_expert_logits, key_scores, locality_loss, mor_expert_logits, num_router_keys, routing_distribution,
+    expert_key_indices, fold_to_linear_gate, grap_expert_logits, key_scores, locality_loss, mor_expert_logits,
+    routing_distribution,
 )
+from router_upcycling.settings.moe import MoESettings
+from router_upcycling.settings.routers import MOR, check_grap_split, grap_expert_counts
 
 
 def loop_reference(x, query_weight, keys, num_experts, aggregation):
@@ -29,7 +32,7 @@ def loop_reference(x, query_weight, keys, num_experts, aggregation):
 def test_expert_logits_match_loop_reference(aggregation, num_routers, num_experts):
     generator = torch.Generator().manual_seed(num_routers * 31 + num_experts)
     hidden, router_dim, tokens = 24, 5, 7
-    num_keys = num_router_keys(num_routers, num_experts)
+    num_keys = max(num_routers, num_experts)
     x = torch.randn(tokens, hidden, generator=generator, dtype=torch.float64)
     query_weight = torch.randn(num_routers, router_dim, hidden, generator=generator, dtype=torch.float64)
     keys = torch.randn(num_keys, router_dim, generator=generator, dtype=torch.float64)
@@ -39,7 +42,8 @@ def test_expert_logits_match_loop_reference(aggregation, num_routers, num_expert
 
 
 def test_key_count_and_expert_key_map():
-    assert num_router_keys(8, 8) == 8 and num_router_keys(32, 8) == 32 and num_router_keys(2, 8) == 8
+    keys = [MoESettings(num_routers=r, num_experts=8).num_keys for r in (8, 32, 2)]
+    assert keys == [8, 32, 8]
     assert expert_key_indices(4, 12).tolist() == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
     with pytest.raises(ValueError):
         expert_key_indices(8, 12)
@@ -56,8 +60,11 @@ def test_fold_equals_sum_router():
 
 
 def test_fold_refuses_nonlinear_routers():
-    assert can_fold(8, 8, "sum") and not can_fold(16, 8, "sum") and not can_fold(8, 8, "max")
-    assert "max" in fold_reason(8, 8, "max") and "2 keys" in fold_reason(16, 8, "sum")
+    def refusal(**settings):
+        return MOR.linear_gate_refusal(MoESettings(num_experts=8, **settings))
+
+    assert refusal(num_routers=8) is None
+    assert "max" in refusal(num_routers=8, aggregation="max") and "2 keys" in refusal(num_routers=16)
     with pytest.raises(ValueError, match="no linear-gate form"):
         fold_to_linear_gate(torch.zeros(2, 3, 4), torch.zeros(8, 3), 4)
 
@@ -88,9 +95,9 @@ def test_grap_logits_match_loop_reference(hidden, num_experts):
 def test_grap_refuses_hidden_sizes_the_expert_count_does_not_divide():
     assert grap_expert_counts(12) == [2, 3, 4, 6, 12]
     assert grap_expert_counts(896)[-3:] == [112, 128, 224] and 512 not in grap_expert_counts(1024)
-    with pytest.raises(ValueError, match="896 into .*12 does not divide it; expert counts that work: 2, 4, 7, 8, 14"):
+    with pytest.raises(SettingError, match="896 into .*12 does not divide it; expert counts that work: 2, 4, 7, 8, 14"):
         check_grap_split(896, 12)
-    with pytest.raises(ValueError, match="expert counts that work"):
+    with pytest.raises(ValueError, match="cannot cut 10 channels into 4 equal groups"):
         grap_expert_logits(torch.zeros(3, 10), 4)
 
 

@@ -116,3 +116,36 @@ def test_help_explains_every_flag():
     for flag in ("--output", "--force", "--device", "--size", "--steps", "--warmup", "--stages", "--peak-flops"):
         assert flag in result.stdout
 
+
+
+def test_configurations_that_do_not_fit_together_are_timed_one_after_the_other(monkeypatch):
+    """On a GPU the recipe's MoR and linear models may not both fit in memory: building the second runs out of memory,
+    and each is then built, timed and freed in turn (here the out-of-memory error is raised for the second model)."""
+    from router_upcycling.mcore.parallel import initialize_distributed
+    from router_upcycling.selfcheck import speed
+    from router_upcycling.selfcheck.sizes import SIZES
+
+    initialize_distributed(seed=0)
+    built = []
+    original_init = speed.TimedConfiguration.__init__
+
+    def first_fits_alone(self, *args, **kwargs):
+        if built:  # a model is alive: the second one does not fit beside it
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        original_init(self, *args, **kwargs)
+        built.append(self)
+        original_release = self.release
+
+        def release():
+            built.remove(self)
+            original_release()
+
+        self.release = release
+
+    monkeypatch.setattr(speed.TimedConfiguration, "__init__", first_fits_alone)
+    lines = []
+    run = speed.throughput(SIZES["tiny"], steps=2, warmup=0, peak_flops=None, report=lines.append)
+    assert not run["interleaved"] and any("timed on its own" in note for note in run["notes"])
+    assert [c["name"] for c in run["configurations"]] == ["mor", "linear"]
+    assert all(len(c["step_times_s"]) == 2 for c in run["configurations"]) and run["mor_over_linear"] > 0
+    assert any("timed apart" in line for line in lines)

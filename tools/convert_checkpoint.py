@@ -1,107 +1,11 @@
 #!/usr/bin/env python3
-"""Convert checkpoints between Hugging Face and Megatron.
+"""Convert checkpoints between Hugging Face and Megatron: upcycle, verify, export (see --help).
 
-  upcycle  dense HF Qwen2 checkpoint -> megatron-core MoE checkpoint (Router Upcycling or a baseline)
-  verify   check that an upcycled checkpoint computes the dense model's logits
-  export   Megatron MoE checkpoint -> Hugging Face folder (`mor` remote code, or stock `qwen2_moe`)
+A thin wrapper: the command is router_upcycling.commands.convert (installed as `router-upcycling-convert`).
 """
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    up = commands.add_parser("upcycle", help="dense HF Qwen2 -> megatron-core MoE checkpoint",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    up.add_argument("--hf-model", required=True, help="dense Hugging Face Qwen2-architecture folder (Qwen1.5, Qwen2, Qwen2.5)")
-    up.add_argument("--output", required=True, help="checkpoint folder to write (written to a temporary folder, then renamed)")
-    up.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (N); each starts as a copy of the dense FFN")
-    up.add_argument("--topk", type=int, default=2, help="experts per token (k); the switch router always uses 1")
-    up.add_argument("--router", choices=["mor", "linear", "mlp", "switch", "locmoe"], default="mor",
-                    help="mor: Mixture-of-Routers from attention (Router Upcycling); linear: random linear gate "
-                         "(vanilla upcycling); mlp: 2-layer GELU MLP; switch: top-1 Switch router; locmoe: LocMoE's "
-                         "parameter-free GrAP gate (the hidden size must be a multiple of --num-experts; its locality "
-                         "loss is the training flag --locmoe-locality-coeff)")
-    up.add_argument("--num-routers", type=int, default=None, help="routers per layer (R) for mor; default: the number of experts")
-    up.add_argument("--router-aggregation", choices=["sum", "max"], default="sum", help="how mor combines the routers' scores")
-    up.add_argument("--router-scale", type=float, default=1.0, help="mor: multiply the expert logits by this (default 1.0, "
-                    "the paper's: no scaling); see docs/results.md for why a smaller scale can help small models")
-    up.add_argument("--calib-data", nargs="+", default=[], metavar="PATH",
-                    help="calibration text for mor's average keys: .jsonl (--calib-json-key field), .txt, or a local dataset folder")
-    up.add_argument("--calib-json-key", default="text", help="JSON field holding the text in .jsonl calibration files")
-    up.add_argument("--calib-tokens", type=int, default=41943040, help="calibration tokens (paper: 10 x 1024 x 4096)")
-    up.add_argument("--calib-seq-length", type=int, default=4096, help="tokens per calibration chunk")
-    up.add_argument("--calib-batch-size", type=int, default=None, help="chunks per forward pass (results do not depend on it)")
-    up.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the written weights (routers stay fp32)")
-    up.add_argument("--seed", type=int, default=1234, help="seed of the random baseline routers")
-    up.add_argument("--force", action="store_true", help="replace --output if it exists")
-
-    ver = commands.add_parser("verify", help="compare an upcycled checkpoint's logits with the dense model's",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ver.add_argument("--hf-model", required=True, help="the dense Hugging Face folder it was upcycled from")
-    ver.add_argument("--checkpoint", required=True, help="the Megatron MoE checkpoint folder")
-    ver.add_argument("--tolerance", type=float, default=1e-3,
-                     help="largest allowed |logit difference|; both models run in float32 with the weights as stored, "
-                          "so a correct conversion agrees to ~1e-5")
-    ver.add_argument("--num-sequences", type=int, default=4, help="random token sequences to compare")
-    ver.add_argument("--seq-length", type=int, default=32, help="tokens per sequence")
-
-    exp = commands.add_parser("export", help="Megatron MoE checkpoint -> Hugging Face folder",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    exp.add_argument("--checkpoint", required=True, help="folder written by upcycle or a training --save folder")
-    exp.add_argument("--output", required=True, help="Hugging Face folder to write")
-    exp.add_argument("--format", required=True, choices=["mor", "qwen2_moe"],
-                     help="mor: our modeling code (trust_remote_code), every router; qwen2_moe: stock transformers, foldable routers only")
-    exp.add_argument("--iteration", type=int, default=None, help="iteration to export; default: the latest complete one")
-    exp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the written weights")
-    exp.add_argument("--force", action="store_true", help="replace --output if it exists")
-    return parser
-
-
-def run_upcycle(args) -> int:
-    from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
-    from router_upcycling.mcore.model import MoESettings
-
-    moe = MoESettings(num_experts=args.num_experts, topk=args.topk, router=args.router,
-                      num_routers=args.num_routers, aggregation=args.router_aggregation, router_scale=args.router_scale)
-    calib = CalibrationSettings(files=args.calib_data, json_key=args.calib_json_key, tokens=args.calib_tokens,
-                                seq_length=args.calib_seq_length, batch_size=args.calib_batch_size)
-    path = upcycle(args.hf_model, args.output, moe, calib, dtype=args.dtype, seed=args.seed, force=args.force)
-    print(f"wrote {path}")
-    return 0
-
-
-def run_verify(args) -> int:
-    from router_upcycling.convert.verify import verify
-
-    report = verify(args.hf_model, args.checkpoint, args.num_sequences, args.seq_length)
-    verdict = "OK" if report.passed(args.tolerance) else "FAIL"
-    print(f"max |logit difference| = {report.max_abs_diff:.3e} (tolerance {args.tolerance:g}); "
-          f"top-1 agreement = {100 * report.top1_agreement:.2f}% over {report.num_tokens} tokens: {verdict}")
-    return 0 if verdict == "OK" else 1
-
-
-def run_export(args) -> int:
-    from router_upcycling.convert.export import export
-
-    path = export(args.checkpoint, args.output, args.format, iteration=args.iteration, dtype=args.dtype, force=args.force)
-    print(f"wrote {path}")
-    return 0
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from router_upcycling.cli import setup_logging, user_errors
-
-    setup_logging()
-    with user_errors():
-        return {"upcycle": run_upcycle, "verify": run_verify, "export": run_export}[args.command](args)
-
+from router_upcycling.commands.convert import build_parser, main  # noqa: F401  (build_parser: for tests and docs)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,80 +1,8 @@
-"""Write the offline mirror of the evaluation data (run where the Hugging Face hub is reachable).
-
-    python tools/mirror_eval_data.py --output eval_data
-    python -m router_upcycling.eval --model MODEL --data-dir eval_data
-
-Layout (shared with the runner, router_upcycling.eval.tasks): DIR/<hub dataset path>/<config or
-"default">/<split>.jsonl, one hub row per line in the dataset's own fields. Every split the ten
-tasks read is written: the scored split and, unless --eval-splits-only, the few-shot split.
-"""
-import argparse
-import os
-import shutil
+#!/usr/bin/env python3
+"""A thin wrapper: the command is router_upcycling.commands.mirror_eval_data (see --help)."""
 import sys
-import tempfile
-from pathlib import Path
-from typing import List, Optional
 
-from router_upcycling.eval.tasks import EvalError, MirrorFile, all_mirror_files, resolve_tasks
-
-
-def mirror_plan(tasks_spec: str, include_fewshot: bool) -> List[MirrorFile]:
-    """The distinct files to write for the tasks in tasks_spec ('paper' or comma-separated keys)."""
-    return all_mirror_files(resolve_tasks(tasks_spec), include_fewshot)
-
-
-def write_mirror(files: List[MirrorFile], output: Path) -> None:
-    """Download each split with `datasets` and write it as JSON lines under output."""
-    import datasets
-    from tqdm import tqdm
-
-    for file in tqdm(files, desc="mirroring", unit="split"):
-        rows = datasets.load_dataset(file.hub_path, file.config, split=file.split)
-        path = output / file.relative_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows.to_json(str(path), lines=True, force_ascii=False)
-
-
-def replace_dir(staging: Path, output: Path) -> None:
-    """Move the finished staging folder to output, replacing an old mirror only once the new one is complete."""
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, output)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Mirror the evaluation datasets of router_upcycling.eval as JSON lines for offline runs.")
-    parser.add_argument("--output", required=True, help="mirror folder to create (refuses an existing one without --force)")
-    parser.add_argument("--tasks", default="paper", help="'paper' (all ten, default) or comma-separated task keys")
-    parser.add_argument("--eval-splits-only", action="store_true", help="skip the few-shot (training) splits: enough for --num-fewshot 0")
-    parser.add_argument("--dry-run", action="store_true", help="print the files that would be written and exit")
-    parser.add_argument("--force", action="store_true", help="replace an existing --output folder (after the new mirror is complete)")
-    args = parser.parse_args(argv)
-    output = Path(args.output)
-    try:
-        files = mirror_plan(args.tasks, include_fewshot=not args.eval_splits_only)
-        if args.dry_run:
-            for file in files:
-                print(f"{file.hub_path} [{file.config or 'default'}] {file.split} -> {output / file.relative_path}")
-            return
-        if output.exists() and not args.force:
-            raise EvalError(f"{output} exists; pass --force to replace it")
-    except EvalError as err:
-        sys.exit(f"error: {err}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        write_mirror(files, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_dir(staging, output)
-    print(f"wrote {len(files)} files under {output}")
-
+from router_upcycling.commands.mirror_eval_data import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

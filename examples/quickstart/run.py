@@ -21,8 +21,7 @@ and renamed into place, so a stage's folder exists only when the stage finished.
 """
 import argparse
 import contextlib
-import functools
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -40,10 +39,11 @@ from examples.quickstart.pretrain_dense import DenseSettings
 from router_upcycling.cli import user_errors
 from router_upcycling.errors import UserError
 from router_upcycling.outputs import staged_output
+from router_upcycling.settings.routers import BASELINE_ROUTER, DEFAULT_ROUTER, get_router
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FILE = "quickstart.json"
-ROUTERS = {"vanilla": "linear", "mor": "mor"}  # run name -> upcycle --router
+ROUTERS = {"vanilla": BASELINE_ROUTER, "mor": DEFAULT_ROUTER}  # run name -> upcycle --router
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class RunSpec:
     @property
     def seeded_init(self) -> bool:
         """Random routers differ per seed; the Mixture-of-Routers init is deterministic."""
-        return self.router != "mor"
+        return not get_router(self.router).needs_calibration
 
 
 DEMO_RUNS = {name: RunSpec(name, router) for name, router in ROUTERS.items()}
@@ -125,7 +125,7 @@ class Layout:
 
     def upcycled(self, name: str, seed: int) -> Path:
         # the Mixture-of-Routers init is deterministic; random routers are drawn from the seed
-        run = DEMO_RUNS.get(name) or RunSpec(name, "linear")
+        run = DEMO_RUNS.get(name) or RunSpec(name, BASELINE_ROUTER)
         return self.upcycled_run(run, seed)
 
     def upcycled_run(self, run: RunSpec, seed: int) -> Path:
@@ -252,7 +252,7 @@ class Pipeline:
         command = ["upcycle", "--hf-model", str(dense),
                    "--output", str(output), "--router", run.router, "--num-experts", str(self.settings.num_experts),
                    "--topk", str(self.settings.topk), "--dtype", "fp32", "--seed", str(seed)]
-        if run.router == "mor":
+        if get_router(run.router).needs_calibration:
             command += ["--calib-data", str(self.layout.train_jsonl), "--calib-tokens", str(self.settings.calib_tokens),
                         "--calib-seq-length", str(self.settings.dense.seq_length), "--calib-batch-size", "32"]
         command += list(run.upcycle_flags)  # later flags win in argparse
@@ -340,18 +340,13 @@ class Pipeline:
         self.report()
 
 
-@functools.lru_cache(maxsize=None)
-def tool_main(tool: str) -> Callable[[List[str]], Optional[int]]:
-    """The main(argv) of a command-line tool: the scripts under tools/ are loaded from their files."""
-    if tool == "analyze":
-        from router_upcycling.analyze.__main__ import main
+TOOL_MODULES = {"convert": "router_upcycling.commands.convert", "preprocess": "router_upcycling.commands.preprocess",
+                "analyze": "router_upcycling.analyze.__main__"}  # what the TOOLS command lines run
 
-        return main
-    script = REPO_ROOT / TOOLS[tool][1]
-    spec = importlib.util.spec_from_file_location(f"quickstart_tool_{tool}", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+
+def tool_main(tool: str) -> Callable[[List[str]], Optional[int]]:
+    """The main(argv) of a command-line tool (tools/*.py are thin wrappers around these modules)."""
+    return importlib.import_module(TOOL_MODULES[tool]).main
 
 
 def trained_iterations(save: Path) -> int:

@@ -28,6 +28,7 @@ from examples.quickstart.run import DemoSettings, Layout, Pipeline, QuickstartEr
 from router_upcycling.cli import user_errors
 from router_upcycling.outputs import write_text_atomic
 from router_upcycling.routing_stats import HEALTH_KEYS
+from router_upcycling.settings.routers import BASELINE_ROUTER, DEFAULT_ROUTER
 
 LONG_DENSE_STEPS = 4 * DenseSettings().steps
 MATCHED = "matched"  # placeholder for the router scale that matches vanilla's initial logit std
@@ -36,22 +37,22 @@ MATCHED = "matched"  # placeholder for the router scale that matches vanilla's i
 def runs() -> Dict[str, RunSpec]:
     """Every trained run. MoR's router dim in the quickstart is d_r = 128 / 8 = 16 (R = 8), 32 with R = 4."""
     specs = [
-        RunSpec("vanilla", "linear"),
-        RunSpec("mor", "mor"),
-        RunSpec("mor-scale-inv-sqrt-dr", "mor", upcycle_flags=("--router-scale", "0.25")),
-        RunSpec("mor-scale-matched", "mor", upcycle_flags=("--router-scale", MATCHED)),
-        RunSpec("vanilla-aux-0.001", "linear", train_flags=("--moe-aux-loss-coeff", "0.001")),
-        RunSpec("mor-aux-0.001", "mor", train_flags=("--moe-aux-loss-coeff", "0.001")),
-        RunSpec("vanilla-aux-0.1", "linear", train_flags=("--moe-aux-loss-coeff", "0.1")),
-        RunSpec("mor-aux-0.1", "mor", train_flags=("--moe-aux-loss-coeff", "0.1")),
-        RunSpec("vanilla-zloss", "linear", train_flags=("--moe-z-loss-coeff", "1e-3")),
-        RunSpec("mor-zloss", "mor", train_flags=("--moe-z-loss-coeff", "1e-3")),
-        RunSpec("mor-calib-small", "mor", upcycle_flags=("--calib-tokens", "4096")),
-        RunSpec("mor-calib-4x", "mor", upcycle_flags=("--calib-tokens", "131072")),
-        RunSpec("mor-r4", "mor", upcycle_flags=("--num-routers", "4")),
-        RunSpec("mor-max", "mor", upcycle_flags=("--router-aggregation", "max")),
-        RunSpec("vanilla-long-dense", "linear", dense="dense-long"),
-        RunSpec("mor-long-dense", "mor", dense="dense-long"),
+        RunSpec("vanilla", BASELINE_ROUTER),
+        RunSpec("mor", DEFAULT_ROUTER),
+        RunSpec("mor-scale-inv-sqrt-dr", DEFAULT_ROUTER, upcycle_flags=("--router-scale", "0.25")),
+        RunSpec("mor-scale-matched", DEFAULT_ROUTER, upcycle_flags=("--router-scale", MATCHED)),
+        RunSpec("vanilla-aux-0.001", BASELINE_ROUTER, train_flags=("--moe-aux-loss-coeff", "0.001")),
+        RunSpec("mor-aux-0.001", DEFAULT_ROUTER, train_flags=("--moe-aux-loss-coeff", "0.001")),
+        RunSpec("vanilla-aux-0.1", BASELINE_ROUTER, train_flags=("--moe-aux-loss-coeff", "0.1")),
+        RunSpec("mor-aux-0.1", DEFAULT_ROUTER, train_flags=("--moe-aux-loss-coeff", "0.1")),
+        RunSpec("vanilla-zloss", BASELINE_ROUTER, train_flags=("--moe-z-loss-coeff", "1e-3")),
+        RunSpec("mor-zloss", DEFAULT_ROUTER, train_flags=("--moe-z-loss-coeff", "1e-3")),
+        RunSpec("mor-calib-small", DEFAULT_ROUTER, upcycle_flags=("--calib-tokens", "4096")),
+        RunSpec("mor-calib-4x", DEFAULT_ROUTER, upcycle_flags=("--calib-tokens", "131072")),
+        RunSpec("mor-r4", DEFAULT_ROUTER, upcycle_flags=("--num-routers", "4")),
+        RunSpec("mor-max", DEFAULT_ROUTER, upcycle_flags=("--router-aggregation", "max")),
+        RunSpec("vanilla-long-dense", BASELINE_ROUTER, dense="dense-long"),
+        RunSpec("mor-long-dense", DEFAULT_ROUTER, dense="dense-long"),
     ]
     return {spec.name: spec for spec in specs}
 

@@ -1,15 +1,13 @@
 """`python -m router_upcycling.analyze {routing,specialization,load,health}`: routing and expert analyses of an MoE folder."""
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from router_upcycling.analyze.inputs import AnalysisError, load_model
-from router_upcycling.errors import UserError
+from router_upcycling.analyze.errors import AnalysisError
+from router_upcycling.cli import OneLineErrorParser, run_command
+from router_upcycling.outputs import refuse_existing, staged_output
 from router_upcycling.text import read_documents, token_chunks
 
 TEXT_INPUT = ("a .jsonl, .jsonl.gz, .txt (one document) or .parquet file, a datasets.save_to_disk folder, "
@@ -31,7 +29,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m router_upcycling.analyze",
+    parser = OneLineErrorParser(prog="python -m router_upcycling.analyze",
                                      description="Routing diversity, expert specialisation, expert load and routing health of a Hugging Face MoE folder.")
     commands = parser.add_subparsers(dest="command", required=True)
     routing = commands.add_parser("routing", help="average routing weight of each expert per domain at one layer (paper Fig. 5)",
@@ -72,34 +70,32 @@ def parse_domains(specs: List[str]) -> Dict[str, str]:
 
 
 def check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise AnalysisError(f"{path} exists; pass --force to replace it")
+    refuse_existing(str(path), force)
     if not path.resolve().parent.is_dir():
         raise AnalysisError(f"folder of --output does not exist: {path.parent}")
 
 
-def write_output(output: Path, stem: str, result: dict, plot: Callable[[dict, str], None]) -> None:
-    """Write STEM.json and STEM.png into a staging folder beside output, then move it into place."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.resolve().parent))
-    (staging / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, str(staging / f"{stem}.png"))
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(staging, output)
+def write_output(output: Path, stem: str, result: dict, plot: Callable[[dict, str], None], force: bool) -> None:
+    """Write STEM.json and STEM.png into a staging folder beside output that replaces it once both are written."""
+    with staged_output(str(output), force) as staging:
+        (Path(staging) / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, str(Path(staging) / f"{stem}.png"))
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
-    from router_upcycling.analyze import analyses, plots
-
     output = Path(args.output)
     check_output(output, args.force)
+    if not Path(args.model, "config.json").is_file():
+        raise AnalysisError(f"not a Hugging Face model folder (no config.json): {args.model}")
     if args.command == "routing":
         domain_files = parse_domains(args.domain)
         documents = {name: read_documents(path, args.json_key) for name, path in domain_files.items()}
     else:
         documents = {"data": read_documents(args.data, args.json_key)}
+    import torch
+
+    from router_upcycling.analyze import analyses, plots
+    from router_upcycling.analyze.inputs import load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, device, args.dtype, args.trust_remote_code)
     if args.command == "routing":
@@ -119,20 +115,21 @@ def run(args: argparse.Namespace) -> None:
     else:
         result = analyses.routing_health_by_layer(model, chunks["data"], args.batch_size)
         plot = plots.plot_health
-    write_output(output, args.command, {"model": args.model, **result, "settings": settings}, plot)
+    write_output(output, args.command, {"model": args.model, **result, "settings": settings}, plot, args.force)
     print(f"wrote {output / (args.command + '.json')} and {output / (args.command + '.png')}")
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: check_and_run(args))
+
+
+def check_and_run(args: argparse.Namespace) -> None:
     for name in ("max_tokens", "seq_length", "batch_size"):
         if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
-    try:
-        run(args)
-    except UserError as err:  # AnalysisError and TextDataError among them
-        sys.exit(f"error: {err}")
+            raise AnalysisError(f"--{name.replace('_', '-')} must be at least 1")
+    run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,12 +6,8 @@ from pathlib import Path
 
 import torch
 
-from router_upcycling.errors import UserError
+from router_upcycling.analyze.errors import AnalysisError
 from router_upcycling.hf.loading import experts_kwargs
-
-
-class AnalysisError(UserError):
-    """A user error (bad model folder, layer or output path): one line, no traceback."""
 
 
 def load_model(model_dir: str, device: str, dtype: str, trust_remote_code: bool = True):

@@ -1,4 +1,4 @@
-"""Hugging Face side of export: write a `mor` folder (remote code) or a stock Qwen2-MoE folder.
+"""Hugging Face side of export: write a `mor` folder (remote code) or the family's stock MoE folder (Qwen2-MoE).
 
 Both writers take every model weight in the `mor` on-disk naming of docs/checkpoint-format.md
 (fused experts `mlp.experts.gate_up_proj` [N, 2I, d] and `mlp.experts.down_proj` [N, d, I], routers
@@ -16,15 +16,20 @@ from typing import Callable, Optional, Union
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2MoeConfig
+import transformers
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers.utils.hub import convert_file_size_to_int
 
 import router_upcycling.mor as router_math
-from router_upcycling.errors import UserError
 from router_upcycling.outputs import staged_output
 from router_upcycling.hf import configuration_mor, modeling_mor
 from router_upcycling.hf.configuration_mor import Qwen2MoRConfig
 from router_upcycling.hf.modeling_mor import Qwen2MoRForCausalLM
+from router_upcycling.settings.architecture import Architecture, ArchitectureError
+from router_upcycling.settings.export import ExportError, stock_gate_refusal
+from router_upcycling.settings.families import Family, family_named
+from router_upcycling.settings.moe import MoESettings
+from router_upcycling.settings.routers import resolve
 
 # Keys of the dense config.json that describe the file rather than the architecture.
 DENSE_CONFIG_KEYS_NOT_CARRIED = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
@@ -34,52 +39,39 @@ MOR_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_mor.Qwen2MoRForCausalLM",
 }
 ROUTER_PREFIX = "mlp.gate."
-MOR_ROUTER_KEYS = ("num_routers", "router_dim", "num_keys", "aggregation")
-
-
-class ExportError(UserError):
-    """The tensors, configuration or destination given to an export cannot be written as asked."""
 
 
 # ---------------------------------------------------------------- configs
 
 
-def _moe_config_kwargs(hf_config: dict, moe: dict, dtype: torch.dtype) -> dict:
-    """Qwen2-MoE config fields shared by both formats: the dense architecture plus N, k, I, no shared expert."""
-    if hf_config.get("model_type") != "qwen2":
-        raise ExportError(f"the source model must be a Qwen2 model (model_type 'qwen2'), got {hf_config.get('model_type')!r}")
+def _moe_config_kwargs(hf_config: dict, arch: Architecture, moe: MoESettings, dtype: torch.dtype) -> dict:
+    """Fields of both formats' configs: the dense architecture plus the family's stock MoE fields (N, k, I)."""
     kwargs = {key: value for key, value in hf_config.items() if key not in DENSE_CONFIG_KEYS_NOT_CARRIED}
-    kwargs.update(
-        num_experts=moe["num_experts"],
-        num_experts_per_tok=1 if moe["router"] == "switch" else moe["topk"],
-        moe_intermediate_size=hf_config["intermediate_size"],
-        shared_expert_intermediate_size=0,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        qkv_bias=True,
-        dtype=dtype,
-    )
+    kwargs.update(family_named(arch.family).stock.config_fields(arch, moe.num_experts, moe.topk), dtype=dtype)
     return kwargs
 
 
-def mor_config(hf_config: dict, moe: dict, dtype: torch.dtype) -> Qwen2MoRConfig:
-    """The `qwen2_mor` config of an export: dense architecture + the "moe" block of the checkpoint metadata."""
-    required = ("num_experts", "topk", "router") + (MOR_ROUTER_KEYS if moe.get("router") == "mor" else ())
-    missing = [key for key in required if key not in moe]
-    if missing:
-        raise ExportError(f"the moe settings lack {', '.join(missing)}")
-    router_fields = dict(router_type=moe["router"], router_scale=float(moe.get("router_scale", 1.0)))
-    if moe["router"] == "mor":
-        router_fields.update(
-            num_routers=moe["num_routers"],
-            router_dim=moe["router_dim"],
-            num_router_keys=moe["num_keys"],
-            router_aggregation=moe["aggregation"],
-        )
-    config_kwargs = _moe_config_kwargs(hf_config, moe, dtype)
+def router_config_fields(arch: Architecture, moe: MoESettings) -> dict:
+    """The router fields of a `mor` config (its HF gate, and a Mixture-of-Routers' sizes)."""
+    fields = dict(router_type=moe.spec.hf_gate, router_scale=float(moe.router_scale))
+    if moe.spec.mixture:
+        fields.update(num_routers=moe.num_routers, router_dim=moe.router_dim(arch), num_router_keys=moe.num_keys,
+                      router_aggregation=moe.aggregation)
+    return fields
+
+
+def source_architecture(hf_config: dict) -> Architecture:
     try:
-        config = Qwen2MoRConfig(**config_kwargs, **router_fields)
+        return Architecture.from_hf_config(hf_config)
+    except ArchitectureError as err:
+        raise ExportError(str(err)) from None
+
+
+def mor_config(hf_config: dict, moe: MoESettings, dtype: torch.dtype) -> Qwen2MoRConfig:
+    """The `qwen2_mor` config of an export: dense architecture + the MoE settings of the checkpoint metadata."""
+    arch = source_architecture(hf_config)
+    try:
+        config = Qwen2MoRConfig(**_moe_config_kwargs(hf_config, arch, moe, dtype), **router_config_fields(arch, moe))
     except (ValueError, TypeError) as error:
         raise ExportError(f"invalid MoE settings: {error}") from error
     config.architectures = ["Qwen2MoRForCausalLM"]
@@ -87,10 +79,12 @@ def mor_config(hf_config: dict, moe: dict, dtype: torch.dtype) -> Qwen2MoRConfig
     return config
 
 
-def qwen2_moe_config(hf_config: dict, moe: dict, dtype: torch.dtype) -> Qwen2MoeConfig:
-    """The stock `qwen2_moe` config of an export (linear gate, no shared expert)."""
-    config = Qwen2MoeConfig(**_moe_config_kwargs(hf_config, moe, dtype))
-    config.architectures = ["Qwen2MoeForCausalLM"]
+def stock_config(hf_config: dict, moe: MoESettings, dtype: torch.dtype):
+    """The family's stock MoE config of an export (linear gate, no shared expert)."""
+    arch = source_architecture(hf_config)
+    stock = family_named(arch.family).stock
+    config = getattr(transformers, stock.config_class)(**_moe_config_kwargs(hf_config, arch, moe, dtype))
+    config.architectures = [stock.architecture]
     return config
 
 
@@ -128,57 +122,49 @@ def _few(items: list, limit: int = 3) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def stock_gate_refusal(moe: dict) -> Optional[str]:
-    """Why a stock Qwen2-MoE gate (linear) cannot express this router, or None when it can."""
-    router = moe["router"]
-    if router in ("linear", "switch"):
-        return None
-    if router == "mor":
-        reason = router_math.fold_reason(moe["num_keys"], moe["num_experts"], moe["aggregation"])
-        return reason and f"a stock Qwen2-MoE gate cannot express this Mixture-of-Routers: {reason}; export the 'mor' format"
-    why = {"mlp": "the mlp router is a 2-layer GELU network",
-           "locmoe": "its GrAP gate takes the ReLU of channel-group means, and ReLU is not linear"}[router]
-    return f"a stock Qwen2-MoE gate is linear and cannot express the '{router}' router ({why}); export the 'mor' format"
+def mixture_linear_gate(router: dict[str, torch.Tensor], moe: MoESettings) -> torch.Tensor:
+    """The Mixture-of-Routers' folded gate G = scale * K @ sum_r W_r [N, d] (method.md part 3)."""
+    return router_math.fold_to_linear_gate(router["query_weight"].float(), router["keys"].float(), moe.num_experts,
+                                           moe.aggregation, float(moe.router_scale))
 
 
-def folded_gate(tensors: dict[str, torch.Tensor], layer: int, moe: dict) -> torch.Tensor:
+def weight_linear_gate(router: dict[str, torch.Tensor], moe: MoESettings) -> torch.Tensor:
+    """A linear router's gate is its weight [N, d]."""
+    return router["weight"]
+
+
+def folded_gate(tensors: dict[str, torch.Tensor], layer: int, moe: MoESettings, family: Family) -> torch.Tensor:
     """The linear gate [N, d] that routes as layer `layer`'s router does, or ExportError if there is none."""
-    refusal = stock_gate_refusal(moe)
+    refusal = stock_gate_refusal(moe, family)
     if refusal:
         raise ExportError(refusal)
     prefix = f"model.layers.{layer}.{ROUTER_PREFIX}"
-    if moe["router"] == "mor":
-        return router_math.fold_to_linear_gate(
-            tensors[prefix + "query_weight"].float(),
-            tensors[prefix + "keys"].float(),
-            moe["num_experts"],
-            moe["aggregation"],
-            float(moe.get("router_scale", 1.0)),
-        )
-    return tensors[prefix + "weight"]
+    router = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+    return resolve(moe.spec.linear_gate)(router, moe)
 
 
-def qwen2_moe_tensors(tensors: dict[str, torch.Tensor], config: Qwen2MoeConfig, moe: dict) -> dict[str, torch.Tensor]:
-    """`mor` tensors -> the per-expert on-disk layout of published Qwen2-MoE checkpoints.
+def stock_tensors(tensors: dict[str, torch.Tensor], config, moe: MoESettings, family: Family) -> dict[str, torch.Tensor]:
+    """`mor` tensors -> the per-expert on-disk layout of the family's published MoE checkpoints.
 
-    Fused experts split into `experts.{e}.gate_proj` [I, d], `up_proj` [I, d], `down_proj` [d, I]; the router
-    becomes `gate.weight` [N, d]; an empty shared expert and a zero `shared_expert_gate` make loading complete.
+    Fused experts split into per-expert gate [I, d], up [I, d] and down [d, I] projections; the router becomes the
+    linear gate [N, d]; the stock model's tensors an upcycled model has no use for are zeros (Qwen2-MoE's shared
+    expert of size 0), so loading is complete.
     """
+    stock = family.stock
     out = {name: tensor for name, tensor in tensors.items() if ".mlp." not in name}
-    hidden, intermediate = config.hidden_size, config.moe_intermediate_size
+    intermediate = config.moe_intermediate_size
     for layer in range(config.num_hidden_layers):
-        prefix = f"model.layers.{layer}.mlp."
-        gate_up = tensors[prefix + "experts.gate_up_proj"]  # [N, 2I, d]
-        down = tensors[prefix + "experts.down_proj"]  # [N, d, I]
+        source = f"model.layers.{layer}.mlp."
+        block = f"model.layers.{layer}.{stock.block}"
+        gate_up = tensors[source + "experts.gate_up_proj"]  # [N, 2I, d]
+        down = tensors[source + "experts.down_proj"]  # [N, d, I]
         for expert in range(config.num_experts):
-            out[f"{prefix}experts.{expert}.gate_proj.weight"] = gate_up[expert, :intermediate]
-            out[f"{prefix}experts.{expert}.up_proj.weight"] = gate_up[expert, intermediate:]
-            out[f"{prefix}experts.{expert}.down_proj.weight"] = down[expert]
-        out[prefix + "gate.weight"] = folded_gate(tensors, layer, moe)
-        out[prefix + "shared_expert.gate_proj.weight"] = torch.zeros(0, hidden)
-        out[prefix + "shared_expert.up_proj.weight"] = torch.zeros(0, hidden)
-        out[prefix + "shared_expert.down_proj.weight"] = torch.zeros(hidden, 0)
-        out[prefix + "shared_expert_gate.weight"] = torch.zeros(1, hidden)
+            out[block + stock.expert_gate.format(expert=expert)] = gate_up[expert, :intermediate]
+            out[block + stock.expert_up.format(expert=expert)] = gate_up[expert, intermediate:]
+            out[block + stock.expert_down.format(expert=expert)] = down[expert]
+        out[block + stock.gate] = folded_gate(tensors, layer, moe, family)
+        for name, shape in stock.zero_tensors(config.hidden_size).items():
+            out[block + name] = torch.zeros(shape)
     return out
 
 
@@ -262,28 +248,28 @@ def calibration_figure(card: dict) -> str:
     return f"{used} ({requested} asked for: the calibration text ran out)"
 
 
-def model_card(card: dict, moe: dict, dtype: torch.dtype, remote_code: bool) -> str:
+def model_card(card: dict, moe: MoESettings, arch: Architecture, dtype: torch.dtype, remote_code: bool) -> str:
     """README.md: where the model comes from, its router and how it was initialised and trained.
 
     `card` holds the checkpoint metadata: `source_model`, `calibration` ({"tokens": ..., "requested_tokens": ...}
     or None when no router was calibrated) and `training` ({"iteration": ..., "consumed_tokens": ...}); absent
     entries read "unknown".
     """
+    family = family_named(arch.family)
     training = card.get("training") or {}
-    router = moe["router"]
     rows = [
         ("source model", card.get("source_model", "unknown")),
-        ("experts (N)", moe["num_experts"]),
-        ("experts per token (k)", 1 if router == "switch" else moe["topk"]),
-        ("router", router),
+        ("experts (N)", moe.num_experts),
+        ("experts per token (k)", moe.topk),
+        ("router", moe.router),
     ]
-    if router == "mor":
+    if moe.spec.mixture:
         rows += [
-            ("routers (R)", moe["num_routers"]),
-            ("router dim (d_r)", moe["router_dim"]),
-            ("expert keys (K)", moe["num_keys"]),
-            ("aggregation", moe["aggregation"]),
-            ("router scale", moe.get("router_scale", 1.0)),
+            ("routers (R)", moe.num_routers),
+            ("router dim (d_r)", moe.router_dim(arch)),
+            ("expert keys (K)", moe.num_keys),
+            ("aggregation", moe.aggregation),
+            ("router scale", moe.router_scale),
         ]
     rows += [
         ("calibration tokens", calibration_figure(card)),
@@ -295,26 +281,25 @@ def model_card(card: dict, moe: dict, dtype: torch.dtype, remote_code: bool) -> 
     loading = (
         "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # Qwen2MoRForCausalLM"
         if remote_code
-        else "AutoModelForCausalLM.from_pretrained(path)  # stock Qwen2MoeForCausalLM"
+        else f"AutoModelForCausalLM.from_pretrained(path)  # stock {family.stock.architecture}"
     )
     return (
         "---\nlibrary_name: transformers\ntags:\n- mixture-of-experts\n- router-upcycling\n---\n\n"
         "# Router Upcycling mixture-of-experts model\n\n"
-        "A Qwen2 model upcycled to a mixture of experts (Router Upcycling, arXiv 2509.00679): every FFN copied "
+        f"A {family.display} model upcycled to a mixture of experts (Router Upcycling, arXiv 2509.00679): every FFN copied "
         "into N experts, routers initialised from the attention heads, then trained with megatron-core.\n\n"
         f"| setting | value |\n|---|---|\n{table}\n\n"
         f"Load with transformers:\n\n```python\nfrom transformers import AutoModelForCausalLM\nmodel = {loading}\n```\n"
     )
 
 
-def _write_common(
-    folder: str, config, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: str, card: dict, moe: dict, dtype: torch.dtype, remote_code: bool
-) -> None:
+def _write_common(folder: str, config, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: str, card: dict,
+                  moe: MoESettings, arch: Architecture, dtype: torch.dtype, remote_code: bool) -> None:
     config.save_pretrained(folder)
     write_generation_config(config, tokenizer_dir, folder)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "README.md"), "w") as file:
-        file.write(model_card(card, moe, dtype, remote_code))
+        file.write(model_card(card, moe, arch, dtype, remote_code))
 
 
 # ---------------------------------------------------------------- writers
@@ -323,7 +308,7 @@ def _write_common(
 def write_mor_folder(
     tensors: dict[str, torch.Tensor],
     hf_config: dict,
-    moe: dict,
+    moe: MoESettings,
     tokenizer_dir: str,
     output_dir: str,
     dtype: torch.dtype = torch.bfloat16,
@@ -335,28 +320,29 @@ def write_mor_folder(
 
     Args:
         tensors: every weight in the `mor` naming of docs/checkpoint-format.md.
-        hf_config: the dense source model's Qwen2 config.json as a dict.
-        moe: the "moe" block of router_upcycling.json.
+        hf_config: the dense source model's config.json as a dict.
+        moe: the MoE settings of router_upcycling.json.
         tokenizer_dir: folder with the source tokenizer (and optionally its generation_config.json).
         output_dir: destination; replaced only with `force`, and only after everything is written.
         dtype: torch.bfloat16 or torch.float32 for the weights; router weights stay float32.
         card: checkpoint metadata for the model card (source_model, calibration, training).
         max_shard_size: largest safetensors file, e.g. "5GB" or a byte count.
     """
+    arch = source_architecture(hf_config)
     config = mor_config(hf_config, moe, dtype)
     check_mor_tensors(tensors, config)
     tokenizer = read_tokenizer(tokenizer_dir)
     with staged_output(output_dir, force) as folder:
         write_safetensors(tensors, folder, dtype, max_shard_size, keep_float32=lambda name: f".{ROUTER_PREFIX}" in name)
-        _write_common(folder, config, tokenizer, tokenizer_dir, card or {}, moe, dtype, remote_code=True)
+        _write_common(folder, config, tokenizer, tokenizer_dir, card or {}, moe, arch, dtype, remote_code=True)
         copy_mor_code(folder)
     return os.path.abspath(output_dir)
 
 
-def write_qwen2_moe_folder(
+def write_stock_folder(
     tensors: dict[str, torch.Tensor],
     hf_config: dict,
-    moe: dict,
+    moe: MoESettings,
     tokenizer_dir: str,
     output_dir: str,
     dtype: torch.dtype = torch.bfloat16,
@@ -364,16 +350,18 @@ def write_qwen2_moe_folder(
     force: bool = False,
     max_shard_size: Union[int, str] = "5GB",
 ) -> str:
-    """Write a stock `Qwen2MoeForCausalLM` folder (no remote code); returns its path.
+    """Write the family's stock MoE folder (Qwen2-MoE for Qwen2; no remote code); returns its path.
 
     Same arguments as `write_mor_folder`. The router must fold to a linear gate (`linear`, `switch` as top-1
     linear, `mor` with `sum` aggregation and one key per expert); otherwise ExportError says why.
     """
+    arch = source_architecture(hf_config)
+    family = family_named(arch.family)
     check_mor_tensors(tensors, mor_config(hf_config, moe, dtype))
-    config = qwen2_moe_config(hf_config, moe, dtype)
-    stock_tensors = qwen2_moe_tensors(tensors, config, moe)
+    config = stock_config(hf_config, moe, dtype)
+    weights = stock_tensors(tensors, config, moe, family)
     tokenizer = read_tokenizer(tokenizer_dir)
     with staged_output(output_dir, force) as folder:
-        write_safetensors(stock_tensors, folder, dtype, max_shard_size)
-        _write_common(folder, config, tokenizer, tokenizer_dir, card or {}, moe, dtype, remote_code=False)
+        write_safetensors(weights, folder, dtype, max_shard_size)
+        _write_common(folder, config, tokenizer, tokenizer_dir, card or {}, moe, arch, dtype, remote_code=False)
     return os.path.abspath(output_dir)

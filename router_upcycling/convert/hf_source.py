@@ -1,4 +1,5 @@
-"""Reading dense Hugging Face Qwen2-architecture checkpoints: config checks and safetensors tensors."""
+"""Reading the tensors of dense Hugging Face checkpoints (single or sharded safetensors); their config.json is read
+and checked by router_upcycling.settings."""
 import json
 import os
 from typing import Dict, Iterable
@@ -7,39 +8,9 @@ import torch
 
 from router_upcycling.errors import UserError
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("qwen2",)
-
 
 class ConversionError(UserError):
     """A user mistake or bad input to the converter; reported as one line, no traceback."""
-
-
-def read_hf_config(model_dir: str) -> dict:
-    """The dense model's config.json, checked to be a supported architecture."""
-    if not os.path.isdir(model_dir):
-        raise ConversionError(f"model folder not found: {model_dir}")
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ConversionError(f"{model_dir} has no config.json (expected a Hugging Face model folder)")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path} is not valid JSON: {err}") from None
-    architectures = config.get("architectures") or []
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
-        found = ", ".join(architectures) or config.get("model_type") or "unknown"
-        raise ConversionError(
-            f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Qwen1.5, Qwen2 and Qwen2.5 dense checkpoints)"
-        )
-    if config.get("use_sliding_window"):
-        raise ConversionError("sliding-window attention (use_sliding_window: true) is not supported")
-    rope_type = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise ConversionError(f"RoPE scaling {rope_type!r} is not supported; only the default rotary embedding")
-    return config
 
 
 def _weight_files(model_dir: str) -> Dict[str, str]:

@@ -3,7 +3,9 @@ import dataclasses
 
 import torch
 
-from router_upcycling.convert.hf_source import ConversionError, read_hf_config
+from router_upcycling.checkpoint_folder import CheckpointError, read_checkpoint_settings, resolve_iteration_dir
+from router_upcycling.convert.hf_source import ConversionError
+from router_upcycling.settings.architecture import read_dense_model
 
 
 @dataclasses.dataclass
@@ -25,22 +27,18 @@ def load_megatron_model(checkpoint_dir: str, iteration=None, dtype: torch.dtype 
                         use_transformer_engine: bool = False, moe_grouped_gemm: bool = False):
     """(model, metadata): the checkpoint's megatron GPTModel at TP = PP = EP = 1 on the CPU, weights loaded, eval
     mode; local layers unless `use_transformer_engine` (with `moe_grouped_gemm`, the training recipe's layers)."""
-    from router_upcycling.mcore.checkpoint import (
-        CheckpointError, load_model_weights, read_metadata, resolve_iteration_dir,
-    )
+    from router_upcycling.mcore.checkpoint import load_model_weights
+    from router_upcycling.mcore.model import build_gpt_model, transformer_config
     from router_upcycling.mcore.parallel import initialize_distributed
-    from router_upcycling.mcore.model import MoESettings, build_gpt_model, transformer_config
 
     try:
-        metadata = read_metadata(checkpoint_dir)
+        metadata, arch, moe = read_checkpoint_settings(checkpoint_dir)
         iteration_dir = resolve_iteration_dir(checkpoint_dir, iteration)
     except CheckpointError as err:
         raise ConversionError(str(err)) from None
     initialize_distributed()
-    hf_config = metadata["hf_config"]
-    moe = MoESettings.from_dict(metadata["moe"])
-    config = transformer_config(hf_config, moe, params_dtype=dtype, perform_initialization=False, moe_grouped_gemm=moe_grouped_gemm)
-    model = build_gpt_model(hf_config, moe, config, use_transformer_engine=use_transformer_engine)
+    config = transformer_config(arch, moe, params_dtype=dtype, perform_initialization=False, moe_grouped_gemm=moe_grouped_gemm)
+    model = build_gpt_model(arch, moe, config, use_transformer_engine=use_transformer_engine)
     load_model_weights(model, iteration_dir)
     return model.eval(), metadata
 
@@ -66,14 +64,14 @@ def verify(hf_model: str, checkpoint: str, num_sequences: int = 4, seq_length: i
     from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
     from router_upcycling.mcore.parallel import current_device
 
-    hf_config = read_hf_config(hf_model)
+    _, arch = read_dense_model(hf_model)
     model, metadata = load_megatron_model(checkpoint)
     device = current_device()
     # Round the dense weights as the checkpoint stored them, then compute both in float32: any
     # difference left is the conversion's, not the storage dtype's.
     stored_dtype = STORAGE_DTYPES[metadata.get("dtype", "fp32")]
     dense = AutoModelForCausalLM.from_pretrained(hf_model, dtype=stored_dtype).float().eval().to(device)
-    tokens = sample_token_sequences(hf_config["vocab_size"], num_sequences, seq_length)
+    tokens = sample_token_sequences(arch.vocab_size, num_sequences, seq_length)
     with torch.no_grad():
         expected = dense(tokens.to(device)).logits.float().cpu()
     actual = megatron_logits(model.to(device), tokens)

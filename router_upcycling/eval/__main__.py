@@ -4,9 +4,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Union
 
+from router_upcycling.cli import OneLineErrorParser, run_command
+
 from router_upcycling.eval.report import markdown_table, paper_reference_columns, result_column
-from router_upcycling.eval.runner import MC_METRICS, EvalSettings, check_model_dir, check_output_path, run_suite, write_json_atomic
-from router_upcycling.eval.tasks import SUITE, EvalError, check_mirror, resolve_tasks
+from router_upcycling.eval.runner import MC_METRICS, EvalSettings, check_model_dir, run_suite, write_json_atomic
+from router_upcycling.eval.tasks import SUITE, check_mirror, resolve_tasks
+from router_upcycling.outputs import refuse_existing
 
 
 def batch_size_arg(value: str) -> Union[int, str]:
@@ -19,7 +22,7 @@ def batch_size_arg(value: str) -> Union[int, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m router_upcycling.eval",
         description="Evaluate a Hugging Face model folder (dense Qwen2, stock Qwen2-MoE or a `mor` export) on the "
         "paper's ten tasks with lm-evaluation-harness (its own prompts, filters and metrics; OBQA-fact is our "
@@ -51,23 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        tasks = resolve_tasks(args.tasks)
-        check_model_dir(args.model)
-        if args.output:
-            check_output_path(args.output, args.force)
-        if args.data_dir:
-            check_mirror(Path(args.data_dir), tasks, args.num_fewshot)
-        settings = EvalSettings(
-            tasks=[task.key for task in tasks], data_dir=args.data_dir, num_fewshot=args.num_fewshot, limit=args.limit,
-            batch_size=args.batch_size, device=args.device, dtype=args.dtype, mc_metric=args.mc_metric,
-            gen_max_tokens=args.gen_max_tokens, trust_remote_code=args.trust_remote_code, seed=args.seed,
-        )
-        results = run_suite(args.model, tasks, settings)
-    except EvalError as err:
-        sys.exit(f"error: {err}")
+    return run_command(lambda: run(args))
+
+
+def run(args) -> None:
+    tasks = resolve_tasks(args.tasks)
+    check_model_dir(args.model)
+    if args.output:
+        refuse_existing(args.output, args.force)
+    if args.data_dir:
+        check_mirror(Path(args.data_dir), tasks, args.num_fewshot)
+    settings = EvalSettings(
+        tasks=[task.key for task in tasks], data_dir=args.data_dir, num_fewshot=args.num_fewshot, limit=args.limit,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, mc_metric=args.mc_metric,
+        gen_max_tokens=args.gen_max_tokens, trust_remote_code=args.trust_remote_code, seed=args.seed,
+    )
+    results = run_suite(args.model, tasks, settings)
     print(markdown_table([(args.model, result_column(results))] + paper_reference_columns()))
     if args.output:
         write_json_atomic(results, args.output)
@@ -75,4 +79,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

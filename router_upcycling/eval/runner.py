@@ -124,11 +124,6 @@ def run_suite(model_dir: str, tasks: Sequence[SuiteTask], settings: EvalSettings
     }
 
 
-def check_output_path(path: str, force: bool) -> None:
-    if Path(path).exists() and not force:
-        raise EvalError(f"{path} exists; pass --force to overwrite it")
-
-
 def write_json_atomic(data: dict, path: str) -> None:
     """Write to a temporary file beside path, then rename, so an interrupted run leaves nothing half-written."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -17,12 +17,14 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from router_upcycling.errors import UserError
+
 OUR_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 GROUPS = ("understanding", "reasoning", "knowledge")
 SPLIT_KEYS = ("training_split", "validation_split", "test_split")
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """A user error (bad model folder, task name, data mirror or output path): one line, no traceback."""
 
 

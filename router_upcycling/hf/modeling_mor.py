@@ -35,19 +35,29 @@ from .mor import grap_expert_logits, mor_expert_logits
 
 
 class Qwen2MoRRouter(nn.Module):
-    """Base of the routers: logits from `expert_logits`, then top-k and the top-k weights.
+    """Base of the gates: logits from `expert_logits`, then top-k and the top-k weights.
 
     `forward(hidden [T, d]) -> (router_logits [T, N] float32, top_k_weights [T, k], top_k_index [T, k])`,
     the contract of stock Qwen2-MoE's router. With `norm_topk_prob` (the default) the weights are a softmax
     over the k chosen logits; without it, the chosen entries of a softmax over all N logits.
+
+    Each gate names the `router_type` it computes (the value an exported config.json holds: the router registry's
+    `hf_gate`) and refuses config fields it cannot follow in `check_config`.
     """
+
+    router_type: str
 
     def __init__(self, config: Qwen2MoRConfig, top_k: int):
         super().__init__()
+        self.check_config(config)
         self.top_k = top_k
         self.num_experts = config.num_experts
         self.hidden_dim = config.hidden_size
         self.norm_topk_prob = config.norm_topk_prob
+
+    @classmethod
+    def check_config(cls, config: Qwen2MoRConfig) -> None:
+        """Raise ValueError for router fields this gate cannot follow."""
 
     def expert_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Router logits z [T, N] in float32 from hidden [T, d] (float32)."""
@@ -67,12 +77,22 @@ class Qwen2MoRRouter(nn.Module):
 class Qwen2MoRMixtureOfRoutersGate(Qwen2MoRRouter):
     """Mixture-of-Routers: R query projections `query_weight` [R, d_r, d] scored against `keys` [K, d_r]."""
 
+    router_type = "mor"
+    AGGREGATIONS = ("sum", "max")
+
     def __init__(self, config: Qwen2MoRConfig):
         super().__init__(config, config.num_experts_per_tok)
         self.aggregation = config.router_aggregation
         self.scale = config.router_scale
         self.query_weight = nn.Parameter(torch.zeros(config.num_routers, config.router_dim, config.hidden_size))
         self.keys = nn.Parameter(torch.zeros(config.num_router_keys, config.router_dim))
+
+    @classmethod
+    def check_config(cls, config: Qwen2MoRConfig) -> None:
+        if config.router_aggregation not in cls.AGGREGATIONS:
+            raise ValueError(f"router_aggregation must be one of {cls.AGGREGATIONS}, got {config.router_aggregation!r}")
+        if config.num_router_keys % config.num_experts:
+            raise ValueError(f"num_router_keys ({config.num_router_keys}) must be a multiple of num_experts ({config.num_experts})")
 
     def expert_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return mor_expert_logits(
@@ -81,18 +101,36 @@ class Qwen2MoRMixtureOfRoutersGate(Qwen2MoRRouter):
 
 
 class Qwen2MoRLinearGate(Qwen2MoRRouter):
-    """Linear router `weight` [N, d]; top-1 when used as the switch router."""
+    """Linear router `weight` [N, d]."""
 
-    def __init__(self, config: Qwen2MoRConfig, top_k: int):
-        super().__init__(config, top_k)
+    router_type = "linear"
+
+    def __init__(self, config: Qwen2MoRConfig, top_k: int = None):
+        super().__init__(config, config.num_experts_per_tok if top_k is None else top_k)
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
 
     def expert_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight.float())
 
 
+class Qwen2MoRSwitchGate(Qwen2MoRLinearGate):
+    """Switch Transformer's router: the linear gate, top-1."""
+
+    router_type = "switch"
+
+    def __init__(self, config: Qwen2MoRConfig):
+        super().__init__(config, top_k=1)
+
+    @classmethod
+    def check_config(cls, config: Qwen2MoRConfig) -> None:
+        if config.num_experts_per_tok != 1:
+            raise ValueError(f"a switch router sends each token to 1 expert; got num_experts_per_tok={config.num_experts_per_tok}")
+
+
 class Qwen2MoRMLPGate(Qwen2MoRRouter):
     """Two-layer MLP router d -> d -> N with GELU between, no biases."""
+
+    router_type = "mlp"
 
     def __init__(self, config: Qwen2MoRConfig):
         super().__init__(config, config.num_experts_per_tok)
@@ -106,26 +144,29 @@ class Qwen2MoRMLPGate(Qwen2MoRRouter):
 class Qwen2MoRGrAPGate(Qwen2MoRRouter):
     """LocMoE's GrAP gate: logit i = ReLU(mean of channel group i of N contiguous groups); no parameters."""
 
+    router_type = "locmoe"
+
     def __init__(self, config: Qwen2MoRConfig):
         super().__init__(config, config.num_experts_per_tok)
+
+    @classmethod
+    def check_config(cls, config: Qwen2MoRConfig) -> None:
+        if config.hidden_size % config.num_experts:
+            raise ValueError(f"a locmoe (GrAP) router needs num_experts ({config.num_experts}) to divide hidden_size ({config.hidden_size})")
 
     def expert_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return grap_expert_logits(hidden, self.num_experts)
 
 
+GATES = {gate.router_type: gate for gate in (
+    Qwen2MoRMixtureOfRoutersGate, Qwen2MoRLinearGate, Qwen2MoRSwitchGate, Qwen2MoRMLPGate, Qwen2MoRGrAPGate)}
+
+
 def build_router(config: Qwen2MoRConfig) -> Qwen2MoRRouter:
-    """The router module that `config.router_type` names."""
-    if config.router_type == "mor":
-        return Qwen2MoRMixtureOfRoutersGate(config)
-    if config.router_type == "linear":
-        return Qwen2MoRLinearGate(config, config.num_experts_per_tok)
-    if config.router_type == "switch":
-        return Qwen2MoRLinearGate(config, top_k=1)
-    if config.router_type == "mlp":
-        return Qwen2MoRMLPGate(config)
-    if config.router_type == "locmoe":
-        return Qwen2MoRGrAPGate(config)
-    raise ValueError(f"unknown router_type {config.router_type!r}")
+    """The gate that `config.router_type` names."""
+    if config.router_type not in GATES:
+        raise ValueError(f"router_type must be one of {tuple(GATES)}, got {config.router_type!r}")
+    return GATES[config.router_type](config)
 
 
 class Qwen2MoRSparseMoeBlock(nn.Module):

@@ -1,6 +1,7 @@
-"""Routers from attention heads: which router counts fit, head grouping, router weights (method.md part 2).
+"""Routers from attention heads: head grouping and router weights (method.md part 2).
 
-Pure torch. The attention statistics (average keys) come from `router_upcycling.init.calibration`.
+Pure torch. Which router counts fit is the router registry's rule (router_upcycling.settings.routers); the
+attention statistics (average keys) come from `router_upcycling.init.calibration`.
 
 Shape legend
     H    query heads            H_kv  key/value heads (GQA when H_kv < H)
@@ -11,56 +12,12 @@ Shape legend
     d_r  router dim = H * d_h / R
     K    expert keys = max(R, N)
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from router_upcycling.errors import UserError
-from router_upcycling.mor import num_router_keys
-
-
-class RouterCountError(UserError):
-    """A router count that the head-grouping and key-to-expert rules do not cover."""
-
-
-def _fits_heads(num_heads: int, head_dim: int, num_routers: int) -> bool:
-    if num_routers <= num_heads:
-        return num_heads % num_routers == 0
-    return num_routers % num_heads == 0 and (head_dim * num_heads) % num_routers == 0
-
-
-def _fits_experts(num_routers: int, num_experts: int) -> bool:
-    return num_routers % num_experts == 0 or num_experts % num_routers == 0
-
-
-def valid_router_counts(num_heads: int, head_dim: int, num_experts: int, limit: Optional[int] = None) -> List[int]:
-    """Every router count R in 1..limit (default 4 * H) that fits these heads and experts."""
-    limit = limit if limit is not None else 4 * num_heads
-    return [
-        routers
-        for routers in range(1, limit + 1)
-        if _fits_heads(num_heads, head_dim, routers) and _fits_experts(routers, num_experts)
-    ]
-
-
-def check_router_count(num_heads: int, head_dim: int, num_routers: int, num_experts: int) -> None:
-    """Raise RouterCountError unless R routers fit H heads of d_h and N experts.
-
-    Heads: R divides H (groups of H/R heads), or R is a multiple of H that splits d_h evenly.
-    Experts: R == N, or one of R, N divides the other.
-    """
-    for name, value in (("heads", num_heads), ("head dim", head_dim), ("routers", num_routers), ("experts", num_experts)):
-        if value < 1:
-            raise RouterCountError(f"the number of {name} must be at least 1, got {value}")
-    if _fits_heads(num_heads, head_dim, num_routers) and _fits_experts(num_routers, num_experts):
-        return
-    working = ", ".join(map(str, valid_router_counts(num_heads, head_dim, num_experts))) or "none"
-    raise RouterCountError(
-        f"--num-routers {num_routers} does not fit {num_heads} attention heads (head dim {head_dim}) with "
-        f"{num_experts} experts: routers must divide the heads (or be a multiple of them that splits the head "
-        f"dim evenly) and divide or be a multiple of the experts; router counts that work: {working}"
-    )
+from router_upcycling.settings.routers import check_router_count
 
 
 def split_query_heads(q_weight: torch.Tensor, num_heads: int, num_routers: int) -> torch.Tensor:
@@ -103,7 +60,7 @@ def group_heads(query_blocks: torch.Tensor, num_groups: int) -> List[List[int]]:
     """
     num_parts = query_blocks.shape[0]
     if num_groups < 1 or num_parts % num_groups:
-        raise RouterCountError(f"{num_parts} heads cannot be split into {num_groups} equal groups")
+        raise ValueError(f"{num_parts} heads cannot be split into {num_groups} equal groups")
     group_size = num_parts // num_groups
     if group_size == 1:
         return [[head] for head in range(num_parts)]
@@ -163,5 +120,5 @@ def router_weights_from_attention(
     groups = group_heads(query_blocks, num_routers)
     query_weight = torch.stack([query_blocks[group].reshape(-1, q_weight.shape[1]) for group in groups])
     group_keys = torch.stack([key_parts[group].reshape(-1) for group in groups])  # [R, d_r]
-    key_groups = torch.arange(num_router_keys(num_routers, num_experts)) % num_routers
+    key_groups = torch.arange(max(num_routers, num_experts)) % num_routers  # key j <- router j mod R, K = max(R, N)
     return query_weight, group_keys[key_groups], groups  # stack and indexing copy: no storage is shared

@@ -1,9 +1,9 @@
 """megatron-core model pieces built from a checkpoint's metadata (docs/checkpoint-format.md).
 
-The architecture travels with the checkpoint as the source model's Hugging Face config plus a
-"moe" block; everything here derives megatron-core objects from those two dicts.
+The architecture travels with the checkpoint as the source model's Hugging Face config plus a "moe" block;
+everything here derives megatron-core objects from their typed forms (Architecture, MoESettings): the family
+gives the TransformerConfig fields, the router registry the router.
 """
-import dataclasses
 import functools
 from typing import Optional
 
@@ -11,84 +11,35 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from router_upcycling.mcore.compat import moe_submodules
-from router_upcycling.mcore.routers import ROUTER_TYPES, LocMoERouter, MixtureOfRoutersRouter, MLPRouter, SwitchRouter
-from router_upcycling.errors import UserError
-from router_upcycling.mor import AGGREGATIONS, num_router_keys
+from router_upcycling.settings.architecture import Architecture
+from router_upcycling.settings.families import family_named
+from router_upcycling.settings.moe import MoESettings
+from router_upcycling.settings.routers import resolve
+
+ACTIVATIONS = {"silu": F.silu}
 
 
-@dataclasses.dataclass
-class MoESettings:
-    """The "moe" block of a checkpoint's metadata."""
+def router_builder(moe: MoESettings, **training_options):
+    """The class (or partial) megatron-core's MoELayer builds as its router: the registry's, with its keywords.
 
-    num_experts: int = 8
-    topk: int = 2
-    router: str = "mor"
-    num_routers: Optional[int] = None  # mor only; defaults to num_experts
-    aggregation: str = "sum"
-    router_scale: float = 1.0
-
-    def __post_init__(self):
-        if self.router not in ROUTER_TYPES:
-            raise UserError(f"unknown router {self.router!r}; expected one of {', '.join(ROUTER_TYPES)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise UserError(f"unknown router aggregation {self.aggregation!r}; expected sum or max")
-        if self.router == "switch":
-            self.topk = 1
-        if self.router == "mor" and self.num_routers is None:
-            self.num_routers = self.num_experts
-        if not self.router_scale > 0:
-            raise UserError(f"--router-scale must be positive, got {self.router_scale}")
-        if self.num_experts < 1:
-            raise UserError("--num-experts must be at least 1")
-        if not 1 <= self.topk <= self.num_experts:
-            raise UserError(f"--topk must be between 1 and the number of experts ({self.num_experts}), got {self.topk}")
-
-    def to_dict(self, hf_config: dict) -> dict:
-        """The metadata block, with the derived router sizes spelled out for readers."""
-        block = dataclasses.asdict(self)
-        if self.router == "mor":
-            query_width = hf_config["num_attention_heads"] * head_dim(hf_config)
-            block["router_dim"] = query_width // self.num_routers
-            block["num_keys"] = num_router_keys(self.num_routers, self.num_experts)
-        return block
-
-    @classmethod
-    def from_dict(cls, block: dict) -> "MoESettings":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in block.items() if k in fields})
-
-
-def head_dim(hf_config: dict) -> int:
-    return hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
-
-
-def rope_theta(hf_config: dict) -> float:
-    # transformers 5 keeps it in rope_parameters; older configs at the top level
-    params = hf_config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
-
-
-def router_builder(moe: MoESettings, locality_coeff: float = 0.0):
-    """The class (or partial) megatron-core's MoELayer builds as its router.
-
-    `locality_coeff` is a training setting, not part of the architecture: LocMoE's locality-loss coefficient.
+    `training_options`: training-only settings of some routers (LocMoE's `locality_coeff`); those the router does
+    not take must be unset (0 or None).
     """
-    if moe.router == "locmoe":
-        return functools.partial(LocMoERouter, locality_coeff=locality_coeff)
-    if moe.router == "mor":
-        return functools.partial(
-            MixtureOfRoutersRouter, num_routers=moe.num_routers, aggregation=moe.aggregation, router_scale=moe.router_scale
-        )
-    if moe.router == "linear":
-        # megatron-core's own router; top-1 linear routing is exactly the switch router
-        return SwitchRouter if moe.topk == 1 else TopKRouter
-    return {"mlp": MLPRouter, "switch": SwitchRouter}[moe.router]
+    spec = moe.spec
+    unused = [name for name, value in training_options.items() if value and name not in spec.training_options]
+    if unused:
+        raise ValueError(f"the {spec.name} router takes no {', '.join(unused)}")
+    router_class = resolve(spec.mcore_class)
+    if not isinstance(router_class, type):  # a callable that picks the class from the settings
+        router_class = router_class(moe)
+    keywords = {**spec.mcore_keywords(moe),
+                **{name: value for name, value in training_options.items() if name in spec.training_options}}
+    return functools.partial(router_class, **keywords) if keywords else router_class
 
 
 class RMSNorm(torch.nn.Module):
@@ -113,7 +64,7 @@ class RMSNorm(torch.nn.Module):
 
 
 def moe_layer_spec(
-    moe: MoESettings, use_transformer_engine: bool = False, moe_grouped_gemm: bool = False, locality_coeff: float = 0.0
+    moe: MoESettings, use_transformer_engine: bool = False, moe_grouped_gemm: bool = False, **training_options
 ) -> ModuleSpec:
     """A GPT layer spec whose MoE uses our router: Transformer Engine modules, or local ones with our RMSNorm."""
     if use_transformer_engine:
@@ -131,24 +82,24 @@ def moe_layer_spec(
         spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm, normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
-    moe_submodules(spec).router = router_builder(moe, locality_coeff)
+    moe_submodules(spec).router = router_builder(moe, **training_options)
     return spec
 
 
 def decoder_block_spec(
-    config: TransformerConfig, moe: MoESettings, use_transformer_engine: bool = False, locality_coeff: float = 0.0
+    config: TransformerConfig, moe: MoESettings, use_transformer_engine: bool = False, **training_options
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline stage builds, and the final norm (the same norm as inside the layers)."""
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = RMSNorm
-    layer = moe_layer_spec(moe, use_transformer_engine, config.moe_grouped_gemm, locality_coeff)
+    layer = moe_layer_spec(moe, use_transformer_engine, config.moe_grouped_gemm, **training_options)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm)
 
 
 def transformer_config(
-    hf_config: dict,
+    arch: Architecture,
     moe: MoESettings,
     *,
     params_dtype: torch.dtype = torch.float32,
@@ -162,21 +113,12 @@ def transformer_config(
     init_method_std: float = 0.02,
     **overrides,
 ) -> TransformerConfig:
-    """TransformerConfig of the Qwen2 architecture with the MoE settings (no dropout, as the paper)."""
+    """TransformerConfig of the architecture (its family's fields) with the MoE settings (no dropout, as the paper)."""
+    fields = family_named(arch.family).mcore_config_fields(arch)
+    fields["activation_func"] = ACTIVATIONS[fields.pop("activation")]
     return TransformerConfig(
-        num_layers=hf_config["num_hidden_layers"],
-        hidden_size=hf_config["hidden_size"],
-        num_attention_heads=hf_config["num_attention_heads"],
-        num_query_groups=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
-        kv_channels=head_dim(hf_config),
-        ffn_hidden_size=hf_config["intermediate_size"],
-        moe_ffn_hidden_size=hf_config["intermediate_size"],
-        normalization="RMSNorm",
-        layernorm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        **fields,
+        moe_ffn_hidden_size=arch.ffn_hidden_size,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -209,28 +151,28 @@ def transformer_config(
 
 
 def build_gpt_model(
-    hf_config: dict,
+    arch: Architecture,
     moe: MoESettings,
     config: TransformerConfig,
     pre_process: bool = True,
     post_process: bool = True,
     use_transformer_engine: bool = False,
     parallel_output: bool = True,
-    locality_coeff: float = 0.0,
+    **training_options,
 ) -> GPTModel:
-    """GPTModel with the Qwen2 architecture (RoPE, RMSNorm, SwiGLU, q/k/v bias) and our MoE router
-    (`locality_coeff`: LocMoE's locality-loss coefficient, training only)."""
+    """GPTModel of the architecture (RoPE, RMSNorm, SwiGLU) with our MoE router (`training_options`: training-only
+    router settings, e.g. LocMoE's locality_coeff)."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, moe, use_transformer_engine, locality_coeff),
-        vocab_size=hf_config["vocab_size"],
-        max_sequence_length=hf_config.get("max_position_embeddings", 4096),
+        transformer_layer_spec=decoder_block_spec(config, moe, use_transformer_engine, **training_options),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=bool(hf_config.get("tie_word_embeddings", False)),
+        share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=rope_theta(hf_config),
+        rotary_base=arch.rope_theta,
         parallel_output=parallel_output,
     )
 

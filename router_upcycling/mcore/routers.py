@@ -13,6 +13,7 @@ aux loss, z-loss and expert bias stay megatron-core's own `routing()`.
 | locmoe | LocMoE's GrAP: ReLU(mean of channel group i) | none (see LocMoERouter)                 |
 
 Top-1 routing (switch, or any router with topk = 1) keeps a unit expert scale; see UnitScaleTop1Mixin.
+Which router a model uses, and with which keywords, is the registry's (router_upcycling.settings.routers).
 
 Parameters take the model's dtype, as megatron-core's own router weight does: a bf16 model keeps bf16
 router weights with float32 main copies in the optimizer (megatron-core's distributed-optimizer
@@ -29,9 +30,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from router_upcycling.mcore.compat import topk_router_keywords
-from router_upcycling.mor import (
-    check_grap_split, grap_expert_logits, locality_loss, mor_expert_logits, num_router_keys, routing_distribution,
-)
+from router_upcycling.mor import grap_expert_logits, locality_loss, mor_expert_logits, routing_distribution
+from router_upcycling.settings.routers import check_grap_split
 
 
 def _mark_router_parameter(param: torch.nn.Parameter, config: TransformerConfig) -> torch.nn.Parameter:
@@ -71,19 +71,17 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
         pg_collection=None,
         *,
         num_routers: int,
+        num_keys: int,
         aggregation: str = "sum",
         router_scale: float = 1.0,
         **kwargs,
     ) -> None:
         # Read by reset_parameters(), which the base constructor calls.
         self.num_routers = num_routers
+        self.num_keys = num_keys
         self.aggregation = aggregation
         self.router_scale = router_scale
-        query_width = config.num_attention_heads * config.kv_channels
-        if query_width % num_routers:
-            raise ValueError(f"{num_routers} routers do not divide the query width {query_width}")
-        self.router_dim = query_width // num_routers
-        self.num_keys = num_router_keys(num_routers, config.num_moe_experts)
+        self.router_dim = config.num_attention_heads * config.kv_channels // num_routers
         super().__init__(config=config, pg_collection=pg_collection, **topk_router_keywords(kwargs))
 
     def reset_parameters(self) -> None:
@@ -199,5 +197,3 @@ class LocMoERouter(UnitScaleTop1Mixin, TopKRouter):
         save_to_aux_losses_tracker("locality_loss", kl, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
         return logits
 
-
-ROUTER_TYPES = ("mor", "linear", "mlp", "switch", "locmoe")

@@ -25,17 +25,23 @@ from typing import Callable, Dict, List, Optional
 
 import yaml
 
-from router_upcycling.mcore.checkpoint import read_tracker
+from router_upcycling.checkpoint_folder import read_tracker
 from router_upcycling.outputs import write_text_atomic
 from router_upcycling.paper import slurm
 from router_upcycling.paper.inputs import Inputs, MatrixError, placeholder
 from router_upcycling.paper.recipes import Recipe, flag_argv
+from router_upcycling.resources import resource_path, resource_root
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAIN_SBATCH = "scripts/slurm/paper_train.sbatch"
+TRAIN_SBATCH = "scripts/slurm/paper_train.sbatch"  # relative to resource_root(), where jobs are submitted from
 STAGE_SBATCH = "scripts/slurm/paper_stage.sbatch"
-CONVERT = "tools/convert_checkpoint.py"
+CONVERT = "router_upcycling.commands.convert"
 AFTER = {"train": "upcycle", "export": "train", "eval": "export", "routing": "export"}
+
+
+def submit_dir() -> str:
+    """Where jobs are submitted from: the folder holding scripts/slurm/ (the sbatch files call launch.sh relative to it)."""
+    resource_path(TRAIN_SBATCH)
+    return str(resource_root())
 
 
 class RunLayout:
@@ -227,7 +233,7 @@ def advance_run(recipe: Recipe, inputs: Inputs, active: Dict[str, slurm.JobStatu
         upstream = by_stage.get(AFTER.get(state.stage, ""))
         job = jobs[state.stage]
         options = job.sbatch_options(upstream.job_id if upstream and upstream.state != "done" else None)
-        state.job_id = slurm.submit(options, job.script, job.args, {**env, **job.env}, str(REPO_ROOT))
+        state.job_id = slurm.submit(options, job.script, job.args, {**env, **job.env}, submit_dir())
         state.state = "queued"
         layout.record_job(state.stage, state.job_id)
     return states

@@ -25,8 +25,10 @@ import yaml
 
 from router_upcycling.errors import UserError
 from router_upcycling.eval.report import PAPER_TABLES
+from router_upcycling.resources import resource_root
+from router_upcycling.settings.routers import DEFAULT_ROUTER, get_router
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "paper"
+CONFIG_DIR = resource_root() / "configs" / "paper"
 PROFILE_DIR = CONFIG_DIR / "profiles"
 STAGES = ("upcycle", "train", "export", "eval", "routing")  # each has a section of flags and one of sbatch options
 KEYS = {"base", "backbone", "train-config", "slurm", "train-processes-per-node", *STAGES}
@@ -64,7 +66,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """Mixture-of-Routers' average keys come from calibration text; the other routers need none."""
-        return self.upcycle is not None and self.upcycle.get("router") == "mor"
+        return self.upcycle is not None and get_router(self.upcycle.get("router", DEFAULT_ROUTER)).needs_calibration
 
     def as_dict(self) -> dict:
         return {"name": self.name, "backbone": self.backbone, "upcycle": self.upcycle, "train": self.train,

@@ -31,9 +31,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from router_upcycling.convert.hf_source import read_hf_config
 from router_upcycling.convert.verify import load_megatron_model, megatron_logits, sample_token_sequences, verify
 from router_upcycling.mcore.parallel import current_device, float32_matmuls_use_tf32, transformer_engine_available
+from router_upcycling.settings.architecture import read_dense_model
 
 FP32_RELATIVE_TOLERANCE = 1e-4
 ROUNDING = {"bf16": 2.0 ** -8, "tf32": 2.0 ** -11}  # largest relative change of one rounding to nearest
@@ -89,14 +89,15 @@ def could_not_run(name: str, dtype: str, error: Exception) -> Check:
 def prepare_tiny_model(workdir: str) -> tuple:
     """(dense HF folder, upcycled checkpoint folder) of the parity model, written under workdir."""
     from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
-    from router_upcycling.mcore.model import MoESettings
+    from router_upcycling.settings.moe import MoESettings
+    from router_upcycling.settings.routers import DEFAULT_ROUTER
     from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
 
     dense = make_dense_qwen2(os.path.join(workdir, "dense"), num_heads=8, num_kv_heads=4, num_layers=NUM_LAYERS, seed=3)
     calibration = os.path.join(workdir, "calibration.jsonl")
     with open(calibration, "w") as f:
         f.writelines(json.dumps({"text": text}) + "\n" for text in SAMPLE_TEXT)
-    moe = MoESettings(num_experts=8, topk=2, router="mor", num_routers=8, aggregation="sum")
+    moe = MoESettings(num_experts=8, topk=2, router=DEFAULT_ROUTER, num_routers=8, aggregation="sum")
     checkpoint = upcycle(dense, os.path.join(workdir, "moe"), moe, CalibrationSettings(files=[calibration], tokens=96,
                          seq_length=32), dtype="fp32", progress=False)
     return dense, checkpoint
@@ -151,7 +152,7 @@ def run_parity(workdir: str, report: Callable[[str], None]) -> List[Check]:
         return check
 
     dense, checkpoint = prepare_tiny_model(workdir)
-    tokens = sample_token_sequences(read_hf_config(dense)["vocab_size"], num_sequences=4, seq_length=32)
+    tokens = sample_token_sequences(read_dense_model(dense)[1].vocab_size, num_sequences=4, seq_length=32)
     logits_ref = dense_reference_logits(dense, tokens)
     model_roundings = 2 * NUM_LAYERS + 2
     router_ref = router_reference(checkpoint)

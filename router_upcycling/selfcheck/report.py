@@ -7,7 +7,8 @@ import platform
 import subprocess
 from typing import List, Optional
 
-from router_upcycling.selfcheck.sizes import REPO_ROOT
+from router_upcycling.resources import source_checkout
+from router_upcycling.selfcheck.sizes import MOR
 
 # docs/performance.md: the 8x0.5B recipe on H100s
 TARGETS = {"tokens_per_sec": 55000, "mor_over_linear": 1.02}
@@ -26,8 +27,11 @@ def _installed_version(names) -> Optional[str]:
 
 def _git(*args: str) -> str:
     """git's answer about this checkout; empty where git or the checkout is missing (an installed package)."""
+    checkout = source_checkout()
+    if checkout is None:
+        return ""
     try:
-        result = subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True)
+        result = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True)
     except OSError:
         return ""
     return result.stdout.strip() if result.returncode == 0 else ""
@@ -60,7 +64,7 @@ def headline(result: dict) -> dict:
         return max(diffs) if diffs else None
 
     run = _largest_run(result)
-    mor = next((c for c in run["configurations"] if c["name"] == "mor" and "error" not in c), {}) if run else {}
+    mor = next((c for c in run["configurations"] if c["name"] == MOR.router and "error" not in c), {}) if run else {}
     parity_ok = all(c["result"] == "OK" for c in checks) if checks else None
     calibration = result.get("calibration") or {}
     return {
@@ -74,6 +78,7 @@ def headline(result: dict) -> dict:
         "mfu": mor.get("mfu"),
         "peak_memory_mb": mor.get("peak_memory_mb"),
         "mor_over_linear": run["mor_over_linear"] if run else None,
+        "mor_over_linear_spread": run.get("mor_over_linear_spread") if run else None,
         "grouped_gemm_off_over_on": run["grouped_gemm_off_over_on"] if run else None,
         "calibration_tokens_per_sec": calibration.get("tokens_per_sec"),
     }
@@ -141,7 +146,12 @@ def _options_line(run: dict) -> str:
                                       ("overlapped parameter gather", o["overlap_param_gather"])) if on]
     return (f"{o['transformer_impl']} layers, {', '.join(switches) or 'fp32'}, {o['moe_token_dispatcher_type']} dispatcher; "
             f"sequence {o['seq_length']} x micro-batch {o['micro_batch_size']} x {o['micro_batches_per_step']} "
-            f"micro-batches per step; median of {run['steps']} steps after {run['warmup']}")
+            f"micro-batches per step; median of {run['steps']} steps after {run['warmup']}"
+            f"{', the configurations stepping in turn' if run.get('interleaved') else ''}")
+
+
+def _spread(spread: Optional[List[float]]) -> str:
+    return f" (median of per-round ratios; quartiles {spread[0]:.3f} to {spread[1]:.3f})" if spread else ""
 
 
 def markdown(result: dict) -> str:
@@ -163,7 +173,8 @@ def markdown(result: dict) -> str:
                   f"| tokens/s per GPU, MoR, {result['throughput_world_size']} rank(s) | "
                   f"**{_number(result['tokens_per_sec'])}** | >= {TARGETS['tokens_per_sec']:,} |",
                   f"| MFU, MoR | {_number(None if result['mfu'] is None else 100 * result['mfu'], 1, '%')} | |",
-                  f"| MoR / linear step time | **{_number(result['mor_over_linear'], 3)}** | <= {TARGETS['mor_over_linear']} |",
+                  f"| MoR / linear step time{_spread(result['mor_over_linear_spread'])} | "
+                  f"**{_number(result['mor_over_linear'], 3)}** | <= {TARGETS['mor_over_linear']} |",
                   f"| grouped GEMM off / on step time | {_number(result['grouped_gemm_off_over_on'], 3)} | |", ""]
     notes = sorted({note for run in runs for note in run["notes"]})
     if notes:

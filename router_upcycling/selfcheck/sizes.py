@@ -10,22 +10,23 @@ layers, grouped GEMM, distributed optimizer, gradient reduction and parameter ga
 micro-batch 4, 4 micro-batches per step. Where Transformer Engine does not import (always on a CPU) the local
 layers run without grouped GEMM, and the report says so.
 """
-import argparse
 import dataclasses
-import os
 from typing import Dict, List, Tuple
 
-from router_upcycling.errors import UserError
-from router_upcycling.mcore.parallel import transformer_engine_available, unsupported_here
+from router_upcycling.mcore.parallel import transformer_engine_available
+from router_upcycling.resources import resource_path
+from router_upcycling.settings.architecture import Architecture
+from router_upcycling.settings.moe import MoESettings
+from router_upcycling.settings.routers import BASELINE_ROUTER, DEFAULT_ROUTER
 from router_upcycling.testing import tiny_qwen2_config
+from router_upcycling.train.config import TrainingConfig
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RECIPE = os.path.join(REPO_ROOT, "configs", "train", "qwen1.5_8x0.5b_mor.yaml")
+RECIPE = "configs/train/qwen1.5_8x0.5b_mor.yaml"
 # the recipe's gradient accumulation: a global batch of 1024 = 4 micro-batches of 4 on each of 64 GPUs
 MICRO_BATCHES_PER_STEP = 4
-# router_upcycling.mcore.model.MoESettings of the measured model and of its linear-router baseline
-MOR = {"num_experts": 8, "topk": 2, "router": "mor", "num_routers": 8, "aggregation": "sum"}
-LINEAR = {"num_experts": 8, "topk": 2, "router": "linear"}
+# the measured model's MoE settings and those of its linear-router baseline
+MOR = MoESettings(num_experts=8, topk=2, router=DEFAULT_ROUTER, num_routers=8, aggregation="sum")
+LINEAR = MoESettings(num_experts=8, topk=2, router=BASELINE_ROUTER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,10 @@ class Size:
     def hf_config(self) -> dict:
         return self.qwen2_config().to_dict()
 
+    @property
+    def arch(self) -> Architecture:
+        return Architecture.from_hf_config(self.hf_config)
+
 
 SIZES = {
     "tiny": Size(dict(hidden_size=64, num_layers=2, num_heads=8, intermediate_size=96, vocab_size=512),
@@ -53,28 +58,23 @@ SIZES = {
 }
 
 
-def recipe_training_args(size: Size, data_parallel_size: int) -> Tuple[argparse.Namespace, List[str]]:
-    """The recipe's training flags for timing `size` on this machine, and a note for each recipe option it cannot run."""
-    from router_upcycling.train.arguments import build_parser, config_defaults
+def recipe_training_config(size: Size, data_parallel_size: int) -> Tuple[TrainingConfig, List[str]]:
+    """The recipe's training settings for timing `size` on this machine, and a note for each recipe option it cannot run."""
+    from router_upcycling.train.config import build_parser, config_defaults
 
-    if not os.path.isfile(RECIPE):
-        raise UserError(f"the training recipe {RECIPE} is missing: run the self-check from a clone of the repository")
     parser = build_parser()
-    parser.set_defaults(**config_defaults(parser, RECIPE))
-    args = parser.parse_args(["--train-iters", "1", *size.train_flags])
-    args.global_batch_size = args.micro_batch_size * MICRO_BATCHES_PER_STEP * data_parallel_size
+    parser.set_defaults(**config_defaults(parser, str(resource_path(RECIPE))))
+    config = TrainingConfig.from_namespace(parser.parse_args(["--train-iters", "1", *size.train_flags]))
+    config = config.replace(global_batch_size=config.micro_batch_size * MICRO_BATCHES_PER_STEP * data_parallel_size)
     notes = []
-    if args.transformer_impl == "transformer_engine" and not transformer_engine_available():
-        args.transformer_impl, args.moe_grouped_gemm = "local", False
+    if config.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        config = config.replace(transformer_impl="local", moe_grouped_gemm=False)
         notes.append("Transformer Engine does not import here: local layers without grouped GEMM")
-    refusals = unsupported_here(vars(args))
-    if refusals:
-        raise UserError(refusals[0])
-    return args, notes
+    return config.on_this_machine(), notes
 
 
-def speed_options(args: argparse.Namespace) -> dict:
+def speed_options(config: TrainingConfig) -> dict:
     """The settings that decide a step's speed, as the report lists them."""
     names = ("bf16", "transformer_impl", "moe_grouped_gemm", "use_distributed_optimizer", "overlap_grad_reduce",
              "overlap_param_gather", "moe_token_dispatcher_type", "seq_length", "micro_batch_size")
-    return {**{name: getattr(args, name) for name in names}, "micro_batches_per_step": MICRO_BATCHES_PER_STEP}
+    return {**{name: getattr(config, name) for name in names}, "micro_batches_per_step": MICRO_BATCHES_PER_STEP}

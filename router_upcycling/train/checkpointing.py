@@ -17,7 +17,6 @@ iteration) and `tokenizer/`. An iteration folder is one torch_dist checkpoint ho
 - the content metadata Megatron-LM records (`distrib_optim_sharding_type`, `singleton_local_shards`,
   `chained_optim_avoid_prefix`), which the loader reads back to rebuild the same sharding.
 """
-import argparse
 import logging
 import os
 import random
@@ -29,13 +28,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from router_upcycling.mcore.checkpoint import (
-    copy_tokenizer, iteration_dir_name, model_state, read_metadata, read_tracker, resolve_iteration_dir,
-    save_sharded, write_metadata, write_tracker,
+from router_upcycling.checkpoint_folder import (
+    copy_tokenizer, iteration_dir_name, read_metadata, read_tracker, resolve_iteration_dir, write_metadata, write_tracker,
 )
+from router_upcycling.mcore.checkpoint import model_state, save_sharded
 from router_upcycling.mcore import torch_adam
 from router_upcycling.mcore.parallel import current_device
-from router_upcycling.train.arguments import TrainError
+from router_upcycling.train.config import TrainError, TrainingConfig
 
 log = logging.getLogger("router_upcycling.train")
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's
@@ -54,13 +53,13 @@ def describe_layout(layout: dict) -> str:
             f"--expert-model-parallel-size {layout['expert']}")
 
 
-def sharding_metadata(args: argparse.Namespace) -> dict:
+def sharding_metadata(config: TrainingConfig) -> dict:
     """Megatron-LM's `_build_sharded_state_dict_metadata` (core_v0.16.1), for our flags."""
     from megatron.core import parallel_state
 
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-    if args.use_distributed_optimizer:
-        metadata["distrib_optim_sharding_type"] = FULLY_RESHARDABLE if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    if config.use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = FULLY_RESHARDABLE if config.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
     return metadata | {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
 
 
@@ -109,13 +108,13 @@ def prepare_save_dir(save_dir: str, metadata: dict, tokenizer_dir: str, resuming
     dist.barrier()
 
 
-def save_checkpoint(args: argparse.Namespace, iteration: int, consumed_samples: int, model, optimizer, scheduler) -> str:
+def save_checkpoint(config: TrainingConfig, iteration: int, consumed_samples: int, model, optimizer, scheduler) -> str:
     """Write iter_XXXXXXX on every rank, then (rank 0) the metadata's training block and the tracker."""
-    iteration_dir = os.path.join(args.save, iteration_dir_name(iteration))
+    iteration_dir = os.path.join(config.save, iteration_dir_name(iteration))
     if dist.get_rank() == 0 and os.path.exists(iteration_dir):
         shutil.rmtree(iteration_dir)  # left by an interrupted save: the tracker never named it
     dist.barrier()
-    metadata = sharding_metadata(args)
+    metadata = sharding_metadata(config)
     state = model_state(model, metadata)
     state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=metadata)
     state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
@@ -123,10 +122,10 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, consumed_samples: 
     save_sharded(state, iteration_dir, content_metadata=serializable(metadata))
     dist.barrier()
     if dist.get_rank() == 0:
-        run_metadata = read_metadata(args.save)
-        run_metadata["training"] = {"iteration": iteration, "consumed_tokens": consumed_samples * args.seq_length}
-        write_metadata(args.save, {k: v for k, v in run_metadata.items() if k != "format_version"})
-        write_tracker(args.save, iteration)
+        run_metadata = read_metadata(config.save)
+        run_metadata["training"] = {"iteration": iteration, "consumed_tokens": consumed_samples * config.seq_length}
+        write_metadata(config.save, {k: v for k, v in run_metadata.items() if k != "format_version"})
+        write_tracker(config.save, iteration)
     dist.barrier()
     return iteration_dir
 
@@ -143,7 +142,7 @@ def check_optimizer_layout(iteration_dir: str, saved: dict, content_metadata: di
                          f"--no-load-optim, or save with --dist-ckpt-optim-fully-reshardable")
 
 
-def load_checkpoint(args: argparse.Namespace, load_dir: str, model, optimizer, scheduler) -> Tuple[int, int]:
+def load_checkpoint(config: TrainingConfig, load_dir: str, model, optimizer, scheduler) -> Tuple[int, int]:
     """Restore what save_checkpoint wrote, resharded to this run's layout; returns (iteration, consumed samples)."""
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -151,7 +150,7 @@ def load_checkpoint(args: argparse.Namespace, load_dir: str, model, optimizer, s
     common = dist_checkpointing.load_common_state_dict(iteration_dir)
     content_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     saved_layout = common["parallel_layout"]
-    load_optimizer = not args.no_load_optim
+    load_optimizer = not config.no_load_optim
     if load_optimizer:
         check_optimizer_layout(iteration_dir, saved_layout, content_metadata)
     metadata = content_metadata | {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}

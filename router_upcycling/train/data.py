@@ -7,13 +7,12 @@ of a step does not depend on D, and the position in the data is the number of co
 
 Shapes: b micro batch, s sequence length.
 """
-import argparse
 import os
 from typing import Dict, Iterator, List
 
 import torch
 
-from router_upcycling.train.arguments import TrainError
+from router_upcycling.train.config import TrainError, TrainingConfig, check_data_files
 
 
 class MegatronTokenizerAdapter:
@@ -41,44 +40,35 @@ def load_tokenizer(tokenizer_dir: str) -> MegatronTokenizerAdapter:
 
 
 def parse_blend(data_path: List[str]):
-    """megatron-core's blend ([prefixes], [weights] or None) after checking every prefix's files exist."""
+    """megatron-core's blend ([prefixes], [weights] or None), after checking every prefix's files exist."""
     from megatron.core.datasets.utils import get_blend_from_list
 
-    if len(data_path) > 1 and len(data_path) % 2 == 0:
-        try:
-            [float(w) for w in data_path[0::2]]
-        except ValueError:
-            raise TrainError("--data-path blend must alternate weights and prefixes: '0.3 PREFIX_A 0.7 PREFIX_B'") from None
-    blend = get_blend_from_list(data_path)
-    for prefix in blend[0]:
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                raise TrainError(f"dataset file not found: {prefix + suffix} (--data-path takes prefixes of .bin/.idx pairs)")
-    return blend
+    check_data_files(data_path)
+    return get_blend_from_list(data_path)
 
 
-def build_datasets(args: argparse.Namespace, tokenizer: MegatronTokenizerAdapter, data_parallel_size: int):
+def build_datasets(config: TrainingConfig, tokenizer: MegatronTokenizerAdapter, data_parallel_size: int):
     """(train, validation) megatron-core datasets sized for the run; validation is None when its split is empty."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=parse_blend(args.data_path),
-        split=args.split,
-        path_to_cache=args.data_cache_path,
+    dataset_config = GPTDatasetConfig(
+        random_seed=config.seed,
+        sequence_length=config.seq_length,
+        blend=parse_blend(config.data_path),
+        split=config.split,
+        path_to_cache=config.data_cache_path,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=args.eod_mask_loss,
+        eod_mask_loss=config.eod_mask_loss,
         create_attention_mask=False,  # the causal mask is built once per shape by the trainer
         data_parallel_size=data_parallel_size,
     )
-    eval_samples = args.eval_iters * args.global_batch_size
-    sizes = [args.train_iters * args.global_batch_size, eval_samples, 0]
+    eval_samples = config.eval_iters * config.global_batch_size
+    sizes = [config.train_iters * config.global_batch_size, eval_samples, 0]
     try:
-        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_config).build()
     except (AssertionError, ValueError) as err:
         raise TrainError(f"cannot build datasets from --data-path/--split: {err or type(err).__name__}") from None
     if train is None or len(train) == 0:
@@ -105,18 +95,18 @@ def collate(dataset, indices: List[int], device: torch.device) -> Dict[str, torc
     return {key: torch.stack([s[key] for s in samples]).to(device) for key in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
-def global_batch_iterator(dataset, consumed_samples: int, args: argparse.Namespace, dp_rank: int, dp_size: int,
+def global_batch_iterator(dataset, consumed_samples: int, config: TrainingConfig, dp_rank: int, dp_size: int,
                           device: torch.device) -> Iterator[Dict[str, torch.Tensor]]:
     """This rank's micro-batches of one global batch, in order (megatron's schedules pull them with next())."""
-    for indices in microbatch_indices(consumed_samples, args.global_batch_size, args.micro_batch_size, dp_rank, dp_size):
+    for indices in microbatch_indices(consumed_samples, config.global_batch_size, config.micro_batch_size, dp_rank, dp_size):
         yield collate(dataset, indices, device)
 
 
-def check_batch_sizes(args: argparse.Namespace, dp_size: int) -> int:
+def check_batch_sizes(config: TrainingConfig, dp_size: int) -> int:
     """The number of micro-batches per step (gradient accumulation)."""
-    stride = args.micro_batch_size * dp_size
-    if args.global_batch_size % stride:
-        raise TrainError(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size x "
-                         f"data-parallel size ({args.micro_batch_size} x {dp_size})")
-    return args.global_batch_size // stride
+    stride = config.micro_batch_size * dp_size
+    if config.global_batch_size % stride:
+        raise TrainError(f"--global-batch-size {config.global_batch_size} is not a multiple of --micro-batch-size x "
+                         f"data-parallel size ({config.micro_batch_size} x {dp_size})")
+    return config.global_batch_size // stride
 

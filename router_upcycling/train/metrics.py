@@ -3,7 +3,7 @@ the share of tokens each expert receives and the routing health, counted from th
 
 Shapes: L MoE layers, N experts, T tokens of a micro-batch.
 """
-import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 from router_upcycling.routing_stats import expert_shares, routing_health, routing_sums, sums_width
+from router_upcycling.settings.architecture import Architecture
+from router_upcycling.train.config import TrainingConfig
 
 log = logging.getLogger("router_upcycling.train")
 
@@ -75,33 +77,29 @@ def logged_scalars(record: Dict) -> Dict[str, float]:
     return scalars
 
 
-def flops_per_token(hf_config: dict, num_experts: int, topk: int, seq_length: int) -> float:
+def flops_per_token(arch: Architecture, num_experts: int, topk: int, seq_length: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward) of the active parameters and attention.
 
     Per layer forward: 2 x (q,k,v,o projections + topk SwiGLU experts) multiply-adds plus 2 x 2 x s x d
     for the attention scores and weighted values (full, not causal-halved, as Megatron-LM counts);
     plus the output layer. Router FLOPs are negligible and left out.
     """
-    d = hf_config["hidden_size"]
-    heads = hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim") or d // heads
-    ffn = hf_config["intermediate_size"]
-    attention = d * head_dim * (2 * heads + 2 * kv_heads)
-    experts = topk * 3 * d * ffn
+    d, heads, head_dim = arch.hidden_size, arch.num_heads, arch.head_dim
+    attention = d * head_dim * (2 * heads + 2 * arch.num_kv_heads)
+    experts = topk * 3 * d * arch.ffn_hidden_size
     per_layer = 2 * (attention + experts) + 4 * seq_length * heads * head_dim
-    forward = hf_config["num_hidden_layers"] * per_layer + 2 * d * hf_config["vocab_size"]
+    forward = arch.num_layers * per_layer + 2 * d * arch.vocab_size
     return 3.0 * forward
 
 
 class MetricsWriter:
     """Rank 0 writes; every logged step is one stdout line and one JSON line in SAVE/metrics.jsonl."""
 
-    def __init__(self, args: argparse.Namespace, is_writer: bool) -> None:
+    def __init__(self, config: TrainingConfig, is_writer: bool) -> None:
         self.is_writer = is_writer
-        self.jsonl = os.path.join(args.save, "metrics.jsonl") if args.save and is_writer else None
-        self.tensorboard = self._tensorboard(args.tensorboard_dir) if is_writer and args.tensorboard_dir else None
-        self.wandb = self._wandb(args) if is_writer and args.wandb_project else None
+        self.jsonl = os.path.join(config.save, "metrics.jsonl") if config.save and is_writer else None
+        self.tensorboard = self._tensorboard(config.tensorboard_dir) if is_writer and config.tensorboard_dir else None
+        self.wandb = self._wandb(config) if is_writer and config.wandb_project else None
 
     @staticmethod
     def _tensorboard(log_dir: str):
@@ -114,16 +112,16 @@ class MetricsWriter:
         return SummaryWriter(log_dir=log_dir)
 
     @staticmethod
-    def _wandb(args: argparse.Namespace):
+    def _wandb(config: TrainingConfig):
         try:
             import wandb
         except ImportError:
             log.warning("--wandb-project given but wandb is not installed: no W&B logs (pip install wandb)")
             return None
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        name = args.wandb_exp_name or (os.path.basename(os.path.abspath(args.save)) if args.save else None)
-        return wandb.init(project=args.wandb_project, name=name, mode=mode, config=vars(args),
-                          dir=args.save or None)
+        name = config.wandb_exp_name or (os.path.basename(os.path.abspath(config.save)) if config.save else None)
+        return wandb.init(project=config.wandb_project, name=name, mode=mode, config=dataclasses.asdict(config),
+                          dir=config.save or None)
 
     def write(self, record: Dict, line: str) -> None:
         if not self.is_writer:

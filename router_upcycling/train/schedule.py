@@ -3,13 +3,12 @@
 Step style (paper, section 4.1): linear warmup from 0 to the peak rate, constant, then the rate is
 multiplied by `factor` at each decay point (fractions of the training steps), never below min_lr.
 """
-import argparse
 import math
 from typing import Sequence
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from router_upcycling.train.arguments import warmup_iters
+from router_upcycling.train.config import TrainingConfig
 
 
 class StepDecayParamScheduler(OptimizerParamScheduler):
@@ -32,21 +31,21 @@ class StepDecayParamScheduler(OptimizerParamScheduler):
         return max(min_lr, max_lr * self.decay_factor**decays)
 
 
-def build_scheduler(args: argparse.Namespace, optimizer) -> StepDecayParamScheduler:
+def build_scheduler(config: TrainingConfig, optimizer) -> StepDecayParamScheduler:
     """The schedule of the flags; step() is called once per optimizer step (iteration-based, as Megatron-LM)."""
-    warmup = warmup_iters(args)
+    warmup = config.warmup_iters
     return StepDecayParamScheduler(
         optimizer,
-        decay_points=[math.ceil(f * args.train_iters) for f in args.lr_step_decay_fractions],
-        decay_factor=args.lr_step_decay_factor,
+        decay_points=[math.ceil(f * config.train_iters) for f in config.lr_step_decay_fractions],
+        decay_factor=config.lr_step_decay_factor,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
+        max_lr=config.lr,
+        min_lr=config.min_lr,
         lr_warmup_steps=warmup,
-        lr_decay_steps=max(args.train_iters, warmup + 1),
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        lr_decay_steps=max(config.train_iters, warmup + 1),
+        lr_decay_style=config.lr_decay_style,
+        start_wd=config.weight_decay,
+        end_wd=config.weight_decay,
+        wd_incr_steps=config.train_iters,
         wd_incr_style="constant",
     )

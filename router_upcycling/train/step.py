@@ -37,10 +37,10 @@ def make_forward_step(seq_length: int, device: torch.device) -> Callable:
     return forward_step_func
 
 
-def forward_backward(model, data_iterator, forward_step_func, num_microbatches: int, args, forward_only: bool) -> List[Dict]:
+def forward_backward(model, data_iterator, forward_step_func, num_microbatches: int, config, forward_only: bool) -> List[Dict]:
     return get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=data_iterator, model=[model],
-        num_microbatches=num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        num_microbatches=num_microbatches, seq_length=config.seq_length, micro_batch_size=config.micro_batch_size,
         forward_only=forward_only,
     )
 
@@ -57,12 +57,12 @@ def mean_reported_loss(store: List[Dict], device: torch.device) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def train_step(model, optimizer, data_iterator, forward_step_func, num_microbatches: int, args, device) -> Dict:
+def train_step(model, optimizer, data_iterator, forward_step_func, num_microbatches: int, config, device) -> Dict:
     """One optimizer step of megatron-core's DDP model; returns the step's loss and gradient norm."""
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    store = forward_backward(model, data_iterator, forward_step_func, num_microbatches, args, forward_only=False)
+    store = forward_backward(model, data_iterator, forward_step_func, num_microbatches, config, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
     if not update_successful:
         raise RuntimeError("the optimizer skipped a step (non-finite gradients)")
@@ -70,11 +70,11 @@ def train_step(model, optimizer, data_iterator, forward_step_func, num_microbatc
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterator, forward_step_func, num_microbatches: int, args, device) -> float:
+def evaluate(model, batches: Iterator, forward_step_func, num_microbatches: int, config, device) -> float:
     """Mean token loss over --eval-iters global batches (the same validation samples every time)."""
     model.eval()
     store = []
-    for _ in range(args.eval_iters):
-        store += forward_backward(model, batches, forward_step_func, num_microbatches, args, forward_only=True)
+    for _ in range(config.eval_iters):
+        store += forward_backward(model, batches, forward_step_func, num_microbatches, config, forward_only=True)
     model.train()
     return mean_reported_loss(store, device)

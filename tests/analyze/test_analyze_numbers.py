@@ -138,14 +138,16 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "router_upcycling.analyze", *args], capture_output=True, text=True)
 
 
-def run_in_process(*args):
-    """The CLI's main() in this process: the SystemExit message it would print on stderr."""
+def run_in_process(capsys, *args):
+    """The CLI's main() in this process: it exits with status 2; the line it printed on stderr."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
-    return str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_analyze_bad_inputs_fail_with_one_line(tiny, tmp_path):
+def test_analyze_bad_inputs_fail_with_one_line(tiny, tmp_path, capsys):
     root, _, _ = tiny
     data = str(root / "code.jsonl")
     existing = tmp_path / "taken"
@@ -159,7 +161,7 @@ def test_analyze_bad_inputs_fail_with_one_line(tiny, tmp_path):
         "no string field 'text'": ["load", "--model", str(root / "moe"), "--data", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "e")],
         "NAME=FILE": ["routing", "--model", str(root / "moe"), "--domain", data, "--output", str(tmp_path / "f")],
     }.items():
-        message = run_in_process(*args)
+        message = run_in_process(capsys, *args)
         assert message.startswith("error: ") and expected in message and "\n" not in message, message
     for expected, result in {
         "no config.json": run_cli("load", "--model", str(tmp_path / "nope"), "--data", data, "--output", str(tmp_path / "a")),

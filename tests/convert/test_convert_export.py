@@ -13,10 +13,9 @@ from router_upcycling.convert.export import export
 from router_upcycling.convert.hf_export import ExportError
 from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
 from router_upcycling.convert.verify import load_megatron_model, megatron_logits, sample_token_sequences
-from router_upcycling.mcore.checkpoint import (
-    RELEASE, iteration_dir_name, model_state, save_sharded, write_metadata, write_tracker,
-)
-from router_upcycling.mcore.model import MoESettings
+from router_upcycling.checkpoint_folder import RELEASE, iteration_dir_name, write_metadata, write_tracker
+from router_upcycling.mcore.checkpoint import model_state, save_sharded
+from router_upcycling.settings.moe import MoESettings
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,7 +7,7 @@ import torch
 
 from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
 from router_upcycling.convert.verify import load_megatron_model, verify
-from router_upcycling.mcore.model import MoESettings
+from router_upcycling.settings.moe import MoESettings
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
 from router_upcycling.text import read_documents, token_chunks
 

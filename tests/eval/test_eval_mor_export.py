@@ -7,7 +7,7 @@ import sys
 from router_upcycling.convert.export import export
 from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
 from router_upcycling.eval.sample_data import write_sample_mirror
-from router_upcycling.mcore.model import MoESettings
+from router_upcycling.settings.moe import MoESettings
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
 
 

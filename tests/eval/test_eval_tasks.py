@@ -100,7 +100,7 @@ def test_eval_mirror_tool_refuses_existing_output_and_unknown_task(tmp_path):
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     result = run_mirror_tool("--output", str(existing))
-    assert result.returncode != 0 and result.stderr.strip() == f"error: {existing} exists; pass --force to replace it"
+    assert result.returncode != 0 and result.stderr.strip() == f"error: output {existing} exists; pass --force to replace it"
     assert (existing / "keep.txt").read_text() == "mine"
     result = run_mirror_tool("--output", str(tmp_path / "new"), "--tasks", "nope")
     assert result.returncode != 0 and result.stderr.startswith("error: unknown task 'nope'") and "Traceback" not in result.stderr

@@ -10,7 +10,9 @@ import torch
 from hf_test_support import dense_config, logits_in_fresh_interpreter, moe_block, upcycled_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from router_upcycling.convert.hf_export import ExportError, write_mor_folder, write_qwen2_moe_folder
+from router_upcycling.convert.hf_export import ExportError, write_mor_folder, write_stock_folder
+from router_upcycling.errors import SettingError
+from router_upcycling.settings.moe import MoESettings
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2
 
 SEQUENCE = 16
@@ -45,8 +47,8 @@ def input_ids():
 
 def export(kind: str, dense_dir: str, output_dir, moe: dict, dtype=torch.float32, **kwargs) -> str:
     tensors = kwargs.pop("tensors", None) or upcycled_tensors(dense_dir, moe, expert_noise=kwargs.pop("expert_noise", 0.0))
-    writer = write_mor_folder if kind == "mor" else write_qwen2_moe_folder
-    return writer(tensors, dense_config(dense_dir), moe, dense_dir, str(output_dir), dtype=dtype, **kwargs)
+    writer = write_mor_folder if kind == "mor" else write_stock_folder
+    return writer(tensors, dense_config(dense_dir), MoESettings.from_dict(moe), dense_dir, str(output_dir), dtype=dtype, **kwargs)
 
 
 def dense_logits(dense_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -173,10 +175,10 @@ def reshape(tensors: dict, name: str) -> dict:
         (lambda t, c, d: (drop(t, "model.layers.1.mlp.gate.keys"), c, d), "missing model.layers.1.mlp.gate.keys"),
         (lambda t, c, d: ({**t, "lm_head.weight": t["model.embed_tokens.weight"]}, c, d), "unexpected lm_head.weight"),
         (lambda t, c, d: (reshape(t, "model.layers.0.mlp.experts.down_proj"), c, d), "shapes"),
-        (lambda t, c, d: (t, {**c, "model_type": "llama"}, d), "^the source model must be a Qwen2"),
+        (lambda t, c, d: (t, {**c, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, d), "^unsupported architecture GPT2LMHeadModel"),
         (lambda t, c, d: (t, c, "/nonexistent/tokenizer"), "tokenizer"),
     ],
-    ids=["missing-tensor", "tied-lm-head", "wrong-shape", "not-qwen2", "no-tokenizer"],
+    ids=["missing-tensor", "tied-lm-head", "wrong-shape", "unsupported-family", "no-tokenizer"],
 )
 def test_bad_input_is_refused_and_writes_nothing(dense_models, tmp_path, spoil, message):
     dense_dir, moe = dense_models["mha-tied"], moe_block("mor")
@@ -186,19 +188,18 @@ def test_bad_input_is_refused_and_writes_nothing(dense_models, tmp_path, spoil, 
 
 @pytest.mark.parametrize(
     "moe_change, message",
-    [({"num_keys": None}, "lack num_keys"), ({"router": "gru"}, "router_type"), ({"num_keys": 6}, "multiple of num_experts")],
-    ids=["missing-field", "unknown-router", "bad-key-count"],
+    [({"router": "gru"}, "router 'gru' is not a router"), ({"aggregation": "mean"}, "aggregation 'mean' is not")],
+    ids=["unknown-router", "unknown-aggregation"],
 )
-def test_bad_moe_settings_are_refused(dense_models, tmp_path, moe_change, message):
-    dense_dir = dense_models["mha-tied"]
-    moe = {key: value for key, value in {**moe_block("mor"), **moe_change}.items() if value is not None}
-    assert_refused(upcycled_tensors(dense_dir, moe_block("mor")), dense_config(dense_dir), moe, dense_dir, tmp_path, message)
+def test_bad_moe_settings_are_refused_before_any_writer(moe_change, message):
+    with pytest.raises(SettingError, match=message):
+        MoESettings.from_dict({**moe_block("mor"), **moe_change})
 
 
 def assert_refused(tensors, config, moe, tokenizer_dir, tmp_path, message):
     output = tmp_path / "exports"
     with pytest.raises(ExportError, match=message):
-        write_mor_folder(tensors, config, moe, tokenizer_dir, str(output / "mor"), dtype=torch.float32)
+        write_mor_folder(tensors, config, MoESettings.from_dict(moe), tokenizer_dir, str(output / "mor"), dtype=torch.float32)
     assert not output.exists() or os.listdir(output) == []
 
 

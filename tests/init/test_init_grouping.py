@@ -4,16 +4,10 @@ import itertools
 import pytest
 import torch
 
-from router_upcycling.init.grouping import (
-    RouterCountError,
-    check_router_count,
-    group_heads,
-    head_keys_from_kv,
-    router_weights_from_attention,
-    split_query_heads,
-    valid_router_counts,
-)
+from router_upcycling.errors import SettingError
+from router_upcycling.init.grouping import group_heads, head_keys_from_kv, router_weights_from_attention, split_query_heads
 from router_upcycling.mor import expert_key_indices, mor_expert_logits
+from router_upcycling.settings.routers import check_router_count, valid_router_counts
 
 
 def reference_greedy_grouping(blocks, group_size):
@@ -150,9 +144,9 @@ def test_gqa_heads_share_their_group_key():
 
 def test_router_count_that_does_not_fit_names_the_counts_that_do():
     assert valid_router_counts(14, 64, 8) == [1, 2, 56]
-    with pytest.raises(RouterCountError, match=r"--num-routers 8 .*14 attention heads.*8 experts.*: 1, 2, 56$"):
+    with pytest.raises(SettingError, match=r"num_routers 8 .*14 attention heads.*8 experts.*: 1, 2, 56$"):
         check_router_count(num_heads=14, head_dim=64, num_routers=8, num_experts=8)
-    with pytest.raises(RouterCountError, match="1, 2, 56"):
+    with pytest.raises(SettingError, match="1, 2, 56"):
         router_weights_from_attention(torch.randn(14 * 64, 32), torch.randn(14, 64), 14, 8, 8)
 
 
@@ -166,7 +160,7 @@ def test_paper_router_counts_fit_qwen1_5_0_5b(num_routers):
     [(12, 64, 3, 8), (16, 64, 6, 8), (4, 6, 16, 8), (8, 64, 24, 8), (8, 64, 0, 8)],
 )
 def test_uncovered_router_counts_are_refused(num_heads, head_dim, num_routers, num_experts):
-    with pytest.raises(RouterCountError):
+    with pytest.raises(SettingError):
         check_router_count(num_heads, head_dim, num_routers, num_experts)
 
 

@@ -5,11 +5,13 @@ import torch
 
 from distributed import run_distributed
 from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
-from router_upcycling.mcore.model import MoESettings, build_gpt_model, causal_attention_mask, transformer_config
+from router_upcycling.mcore.model import build_gpt_model, causal_attention_mask, transformer_config
+from router_upcycling.settings.architecture import Architecture
+from router_upcycling.settings.moe import MoESettings
 from router_upcycling.mor import grap_expert_logits, locality_loss, mor_expert_logits, routing_distribution
 from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2, tiny_qwen2_config
 
-HF_CONFIG = tiny_qwen2_config(vocab_size=256, num_heads=8, num_kv_heads=4).to_dict()
+ARCH = Architecture.from_hf_config(tiny_qwen2_config(vocab_size=256, num_heads=8, num_kv_heads=4).to_dict())
 
 
 def tokens_and_positions(batch=2, seq=16, seed=0):
@@ -21,8 +23,8 @@ def build(moe, **kwargs):
     from router_upcycling.mcore.parallel import initialize_distributed
 
     initialize_distributed(seed=0, **{k: v for k, v in kwargs.items() if k.endswith("parallel_size")})
-    config = transformer_config(HF_CONFIG, moe, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001, **kwargs)
-    return build_gpt_model(HF_CONFIG, moe, config)
+    config = transformer_config(ARCH, moe, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001, **kwargs)
+    return build_gpt_model(ARCH, moe, config)
 
 
 @pytest.mark.parametrize("aggregation,num_routers", [("sum", 4), ("max", 8), ("sum", 16)])
@@ -65,7 +67,8 @@ def test_baseline_routers_train(router):
 
 def _logits_on_ranks(rank, world_size, checkpoint, parallel, backward):
     from router_upcycling.convert.verify import megatron_logits
-    from router_upcycling.mcore.checkpoint import load_model_weights, read_metadata, resolve_iteration_dir
+    from router_upcycling.checkpoint_folder import read_metadata, resolve_iteration_dir
+    from router_upcycling.mcore.checkpoint import load_model_weights
     from router_upcycling.mcore.parallel import initialize_distributed
 
     initialize_distributed(seed=0, **{k: v for k, v in parallel.items() if k.endswith("parallel_size")})
@@ -73,8 +76,9 @@ def _logits_on_ranks(rank, world_size, checkpoint, parallel, backward):
     moe = MoESettings.from_dict(metadata["moe"])
     # experts start identical, so the LM loss alone gives the router no gradient at step 0: the
     # load-balancing loss does
-    config = transformer_config(metadata["hf_config"], moe, perform_initialization=False, moe_aux_loss_coeff=0.01, **parallel)
-    model = build_gpt_model(metadata["hf_config"], moe, config)
+    arch = Architecture.from_hf_config(metadata["hf_config"])
+    config = transformer_config(arch, moe, perform_initialization=False, moe_aux_loss_coeff=0.01, **parallel)
+    model = build_gpt_model(arch, moe, config)
     load_model_weights(model, resolve_iteration_dir(checkpoint))
     tokens, _ = tokens_and_positions(batch=2, seq=12, seed=3)
     logits = megatron_logits(model.eval(), tokens)
@@ -159,7 +163,7 @@ def test_locmoe_locality_loss_reaches_the_router_input_and_is_logged():
 
     moe = MoESettings(router="locmoe", num_experts=4, topk=2)
     build(moe)  # process groups
-    router = router_builder(moe, locality_coeff=0.3)(transformer_config(HF_CONFIG, moe), pg_collection=get_default_pg_collection())
+    router = router_builder(moe, locality_coeff=0.3)(transformer_config(ARCH, moe), pg_collection=get_default_pg_collection())
     router.set_layer_number(2)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     clear_aux_losses_tracker()
@@ -190,6 +194,6 @@ def test_routers_take_keywords_newer_megatron_core_passes(router):
 
     moe = MoESettings(router=router, num_experts=4, topk=2)
     build(moe)  # process groups
-    config = transformer_config(HF_CONFIG, moe)
+    config = transformer_config(ARCH, moe)
     router = router_builder(moe)(config, pg_collection=get_default_pg_collection(), is_mtp_layer=False)
     assert router.config is config

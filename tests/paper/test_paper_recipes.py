@@ -8,12 +8,11 @@ import yaml
 
 from router_upcycling.analyze.__main__ import build_parser as analyze_parser
 from router_upcycling.eval.__main__ import build_parser as eval_parser
-from router_upcycling.init.grouping import check_router_count
-from router_upcycling.mcore.routers import ROUTER_TYPES
-from router_upcycling.mor import num_router_keys
+from router_upcycling.settings.moe import MoESettings
+from router_upcycling.settings.routers import check_router_count, router_names
 from router_upcycling.paper.recipes import CONFIG_DIR, RUN_NAMES, RecipeError, flag_argv, load_recipe
-from router_upcycling.train.arguments import build_parser as train_parser
-from router_upcycling.train.arguments import parse_args
+from router_upcycling.train.config import build_parser as train_parser
+from router_upcycling.train.config import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,8 +48,8 @@ def convert_parser():
 
 
 def router_on_this_branch(router: str) -> None:
-    if router not in ROUTER_TYPES:
-        pytest.skip(f"the {router} router is not in this checkout (routers: {', '.join(ROUTER_TYPES)})")
+    if router not in router_names():
+        pytest.skip(f"the {router} router is not in this checkout (routers: {', '.join(router_names())})")
 
 
 def test_one_recipe_per_run_and_no_other():
@@ -78,7 +77,7 @@ def test_recipe_follows_the_paper(name):
         heads, head_dim = BACKBONES[backbone]
         check_router_count(heads, head_dim, routers, experts)
         assert heads * head_dim // routers == router_dim
-        assert num_router_keys(routers, experts) == TABLE_3_KEYS.get(name, experts)
+        assert MoESettings(num_experts=experts, num_routers=routers).num_keys == TABLE_3_KEYS.get(name, experts)
     # section 4.1: 64 GPUs, data parallel, micro-batch 4, global batch 1024 x 4096, 25,600 steps = 100B tokens
     train = recipe.train
     assert (train["micro-batch-size"], train["global-batch-size"], train["seq-length"], train["train-iters"]) == (4, 1024, 4096, 25600)

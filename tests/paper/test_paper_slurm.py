@@ -11,7 +11,7 @@ from slurm_cluster import REPO_ROOT, slurm_cluster, slurm_env  # noqa: E402,F401
 
 from router_upcycling.eval.report import PAPER_TABLES  # noqa: E402
 from router_upcycling.eval.sample_data import write_sample_mirror  # noqa: E402
-from router_upcycling.mcore.routers import ROUTER_TYPES  # noqa: E402
+from router_upcycling.settings.routers import router_names  # noqa: E402
 from router_upcycling.paper import slurm  # noqa: E402
 from router_upcycling.paper.matrix import RunLayout  # noqa: E402
 from router_upcycling.paper.recipes import load_recipe  # noqa: E402
@@ -25,7 +25,7 @@ def table_1_runs() -> list:
     runs = [run for run, _ in PAPER_TABLES[1][1]]
     for run in runs:
         recipe = load_recipe(run)
-        assert (recipe.upcycle["router"] if recipe.upcycle else recipe.train["moe-router-type"]) in ROUTER_TYPES, run
+        assert (recipe.upcycle["router"] if recipe.upcycle else recipe.train["moe-router-type"]) in router_names(), run
     return runs
 
 
@@ -85,7 +85,7 @@ def test_table_1_runs_end_to_end_on_slurm_and_resume_without_resubmitting(slurm_
         recipe = load_recipe(run, "toy_cpu")
         assert all(layout.done(stage, recipe.train_iters) for stage in recipe.stages), f"{run}:\n{logs_of(layout)}"
         assert json.loads(layout.results.read_text())["settings"]["limit"] == 2
-    assert "python tools/convert_checkpoint.py" in (layouts["mor"].logs / f"upcycle-{jobs['mor']['upcycle']}.log").read_text()
+    assert "python -m router_upcycling.commands.convert" in (layouts["mor"].logs / f"upcycle-{jobs['mor']['upcycle']}.log").read_text()
 
     again = run_tool("paper_matrix.py", args)
     assert again.returncode == 0, again.stderr

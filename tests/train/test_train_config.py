@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from router_upcycling.train.arguments import TrainError, parse_args
+from router_upcycling.train.config import TrainError, parse_args
 from router_upcycling.train.data import microbatch_indices
 from router_upcycling.train.schedule import StepDecayParamScheduler, build_scheduler
 

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from router_upcycling.mcore.checkpoint import read_tracker
+from router_upcycling.checkpoint_folder import read_tracker
 from training_runs import STEPS, copy_rewound, max_difference, run, train_flags, train_losses
 
 TOLERANCE = 1e-3

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from router_upcycling.mcore.checkpoint import read_tracker, resolve_iteration_dir
+from router_upcycling.checkpoint_folder import read_tracker, resolve_iteration_dir
 from router_upcycling.routing_stats import HEALTH_KEYS
 from training_runs import STEPS, launch, run, train_flags, train_losses
 
@@ -88,7 +88,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(inputs, tmp_path):
 
 def user_error(argv, capsys) -> str:
     """The message of a run that must fail on its input: exit status 2, one line on stderr."""
-    from router_upcycling.train.trainer import main
+    from router_upcycling.train.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

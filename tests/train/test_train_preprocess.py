@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy
 import pytest
 
+from router_upcycling.outputs import OutputExistsError
 from router_upcycling.preprocess import PreprocessConfig, PreprocessError, preprocess
 from router_upcycling.testing import SAMPLE_TEXT, train_tokenizer
 
@@ -147,7 +148,7 @@ def test_existing_outputs_need_force(tokenizer_dir, tmp_path):
     run(tokenizer_dir, [small], tmp_path / "out")
     before = output_bytes(tmp_path / "out_text_document")
     bigger = write_jsonl(tmp_path / "bigger.jsonl", DOCUMENTS[:20])
-    with pytest.raises(PreprocessError, match="out_text_document.bin exists; pass --force"):
+    with pytest.raises(OutputExistsError, match="out_text_document.bin exists; pass --force"):
         run(tokenizer_dir, [bigger], tmp_path / "out")
     assert output_bytes(tmp_path / "out_text_document") == before
     run(tokenizer_dir, [bigger], tmp_path / "out", force=True)
@@ -167,7 +168,8 @@ def test_cli_writes_files_then_refuses_to_overwrite(tokenizer_dir, tmp_path):
     assert "tok/s" in done.stderr  # the progress bar
     refused = cli(*args, cwd=tmp_path)
     assert refused.returncode != 0
-    assert refused.stderr.strip() == "error: out_text_document.bin exists; pass --force to replace it"
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == f"error: output {tmp_path / 'out_text_document.bin'} exists; pass --force to replace it"
 
 
 def test_cli_malformed_line_is_one_line_error(tokenizer_dir, tmp_path):

@@ -15,7 +15,7 @@ STEPS = 12
 
 def make_inputs(root) -> dict:
     from router_upcycling.convert.upcycle import CalibrationSettings, upcycle
-    from router_upcycling.mcore.model import MoESettings
+    from router_upcycling.settings.moe import MoESettings
     from router_upcycling.testing import SAMPLE_TEXT, make_dense_qwen2, write_token_documents
 
     dense = make_dense_qwen2(str(root / "dense"), num_heads=8, num_kv_heads=8, tied=True, seed=1)

@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from router_upcycling.mor import num_router_keys
 
 
 def moe_block(router: str, num_experts: int = 4, topk: int = 2, num_routers: int = 4, hidden_size: int = 64, aggregation: str = "sum") -> dict:
@@ -20,7 +19,7 @@ def moe_block(router: str, num_experts: int = 4, topk: int = 2, num_routers: int
         moe.update(
             num_routers=num_routers,
             router_dim=hidden_size // num_routers,
-            num_keys=num_router_keys(num_routers, num_experts),
+            num_keys=max(num_routers, num_experts),
             aggregation=aggregation,
         )
     return moe

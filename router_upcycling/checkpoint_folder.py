@@ -1,0 +1,100 @@
+"""The files of a Router Upcycling checkpoint folder (docs/checkpoint-format.md), read and written without torch.
+
+A folder holds `router_upcycling.json` (architecture + router settings), `tokenizer/`, one
+sub-folder per saved iteration (`release` or `iter_0000100`) and the tracker
+`latest_checkpointed_iteration.txt`, which is written last so a half-written checkpoint is
+never the one loaded. The torch_dist contents of an iteration folder are router_upcycling.mcore.checkpoint's.
+"""
+import json
+import os
+import shutil
+from typing import Optional
+
+from router_upcycling.errors import UserError
+from router_upcycling.files import read_json_object
+
+METADATA_FILE = "router_upcycling.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+TOKENIZER_DIR = "tokenizer"
+RELEASE = "release"
+FORMAT_VERSION = 1
+STORAGE_DTYPE_NAMES = ("bf16", "fp32")  # the metadata's "dtype" (and the converter's --dtype): the stored precision
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that is missing, incomplete or not ours."""
+
+
+def iteration_dir_name(iteration) -> str:
+    return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+
+
+def read_metadata(checkpoint_dir: str) -> dict:
+    path = os.path.join(checkpoint_dir, METADATA_FILE)
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(f"checkpoint folder not found: {checkpoint_dir}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{checkpoint_dir} is not a Router Upcycling checkpoint (no {METADATA_FILE})")
+    metadata = read_json_object(path, CheckpointError)
+    if "hf_config" not in metadata or "moe" not in metadata:
+        raise CheckpointError(f"{path} is damaged: it lacks the hf_config or moe block")
+    return metadata
+
+
+def write_metadata(checkpoint_dir: str, metadata: dict) -> None:
+    metadata = {"format_version": FORMAT_VERSION, **metadata}
+    with open(os.path.join(checkpoint_dir, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2, sort_keys=False)
+
+
+def copy_tokenizer(source_dir: str, checkpoint_dir: str) -> None:
+    """Copy the tokenizer files of an HF folder (or a checkpoint's tokenizer/) into checkpoint_dir/tokenizer."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "added_tokens.json", "generation_config.json", "chat_template.jinja")
+    target = os.path.join(checkpoint_dir, TOKENIZER_DIR)
+    os.makedirs(target, exist_ok=True)
+    for name in names:
+        if os.path.isfile(os.path.join(source_dir, name)):
+            shutil.copy2(os.path.join(source_dir, name), os.path.join(target, name))
+
+
+def read_tracker(checkpoint_dir: str) -> Optional[str]:
+    """The iteration named by the tracker ("release" or a number as text), None when absent."""
+    path = os.path.join(checkpoint_dir, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def write_tracker(checkpoint_dir: str, iteration) -> None:
+    """Atomically point the tracker at a complete checkpoint."""
+    path = os.path.join(checkpoint_dir, TRACKER_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(str(iteration))
+    os.replace(path + ".tmp", path)
+
+
+def resolve_iteration_dir(checkpoint_dir: str, iteration=None) -> str:
+    """The folder of the requested iteration, or of the latest complete one."""
+    if iteration is None:
+        iteration = read_tracker(checkpoint_dir)
+        if iteration is None:
+            raise CheckpointError(f"{checkpoint_dir} holds no complete checkpoint (no {TRACKER_FILE})")
+    path = os.path.join(checkpoint_dir, iteration_dir_name(iteration))
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"checkpoint {path} is missing or incomplete")
+    return path
+
+
+def read_checkpoint_settings(checkpoint_dir: str) -> "tuple[dict, Architecture, MoESettings]":
+    """(metadata, Architecture, MoESettings) of a checkpoint folder; CheckpointError when it cannot be read."""
+    from router_upcycling.errors import SettingError
+    from router_upcycling.settings.architecture import Architecture, ArchitectureError
+    from router_upcycling.settings.moe import MoESettings
+
+    metadata = read_metadata(checkpoint_dir)
+    try:
+        return metadata, Architecture.from_hf_config(metadata["hf_config"]), MoESettings.from_dict(metadata["moe"])
+    except (ArchitectureError, SettingError, TypeError) as err:
+        raise CheckpointError(f"{os.path.join(checkpoint_dir, METADATA_FILE)}: {err}") from None

@@ -1,0 +1,1 @@
+"""The user-facing commands (console scripts; tools/*.py are thin wrappers around them)."""

@@ -1,0 +1,50 @@
+"""The settings of `upcycle` and the checks that need no model: run before torch, transformers and megatron-core
+are imported, so a refused conversion costs a fraction of a second."""
+import dataclasses
+import os
+from typing import List, Optional, Tuple
+
+from router_upcycling.errors import SettingError
+from router_upcycling.outputs import refuse_existing
+from router_upcycling.settings.architecture import Architecture, read_dense_model
+from router_upcycling.settings.moe import MoESettings
+
+PAPER_CALIBRATION_TOKENS = 41943040  # 10 iterations x batch 1024 x sequence 4096
+
+
+@dataclasses.dataclass
+class CalibrationSettings:
+    """The calibration text for average keys (method.md part 2); SettingError names the field of a bad value."""
+
+    files: List[str] = dataclasses.field(default_factory=list)
+    json_key: str = "text"
+    tokens: int = PAPER_CALIBRATION_TOKENS
+    seq_length: int = 4096
+    batch_size: Optional[int] = None
+
+    def __post_init__(self):
+        for field, value in (("tokens", self.tokens), ("seq_length", self.seq_length), ("batch_size", self.batch_size)):
+            if value is not None and value < 1:
+                raise SettingError(f"calib_{field}", f"must be at least 1, got {value}")
+
+
+def check_upcycle(hf_model: str, output: str, moe: MoESettings, calib: CalibrationSettings,
+                  force: bool) -> Tuple[dict, Architecture]:
+    """(config.json, Architecture) of the dense model, once everything an upcycle needs is known to be right:
+    a supported architecture, router settings its rules cover, calibration text where the router reads it,
+    and an output that may be written."""
+    hf_config, arch = read_dense_model(hf_model)
+    moe.check(arch, upcycling=True)
+    spec = moe.spec
+    if spec.needs_calibration:
+        if not calib.files:
+            raise SettingError("calib_files", f"is required by --router {spec.name}: its initialisation reads "
+                                              "calibration text (jsonl, txt, parquet or a dataset folder)")
+        missing = [path for path in calib.files if not os.path.exists(path)]
+        if missing:
+            raise SettingError("calib_files", f"{missing[0]}: no such file or folder")
+    refuse_existing(output, force)
+    parent = os.path.dirname(os.path.abspath(output))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise SettingError("output", f"{output}: its parent {parent} is a file")
+    return hf_config, arch
