@@ -3,6 +3,7 @@
 Nothing here downloads anything: the tokenizer is a byte-level BPE trained on a few sentences and
 the model weights are random (or given).
 """
+import dataclasses
 import os
 import tempfile
 from typing import Iterable, Optional
@@ -83,6 +84,89 @@ def qwen2_architecture(hidden_size: int = 64, num_layers: int = 2, num_heads: in
         ffn_hidden_size=intermediate_size or hidden_size * 11 // 4, vocab_size=vocab_size, max_position_embeddings=4096,
         tie_embeddings=True, qkv_bias=True, qk_norm=False, norm_eps=1e-6, rope_theta=10000.0,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The attention geometry of a published dense checkpoint: what Router Upcycling's head grouping, the converter's
+    weight tables and the RoPE depend on. Test models keep it exactly and shrink the rest (2 layers, a small FFN and
+    vocabulary)."""
+
+    family: str  # qwen2 | qwen3 | llama
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tied: bool
+    rope_theta: float = 1e6
+    llama3_rope_factor: Optional[float] = None  # Llama 3's RoPE scaling (factor; the others are Llama 3's own)
+
+
+# published checkpoints' config.json values (their hidden sizes, heads, KV heads, head dims, tying and RoPE)
+PUBLISHED_GEOMETRIES = {
+    "Qwen1.5-0.5B": Geometry("qwen2", 1024, 16, 16, 64, tied=True),
+    "Qwen1.5-1.8B": Geometry("qwen2", 2048, 16, 16, 128, tied=False),
+    "Qwen2.5-0.5B": Geometry("qwen2", 896, 14, 2, 64, tied=True),
+    "Qwen2.5-1.5B": Geometry("qwen2", 1536, 12, 2, 128, tied=True),
+    "Qwen2.5-3B": Geometry("qwen2", 2048, 16, 2, 128, tied=True),
+    "Qwen2.5-7B": Geometry("qwen2", 3584, 28, 4, 128, tied=False),
+    "Qwen3-0.6B": Geometry("qwen3", 1024, 16, 8, 128, tied=True),
+    "Qwen3-1.7B": Geometry("qwen3", 2048, 16, 8, 128, tied=True),
+    "Qwen3-4B": Geometry("qwen3", 2560, 32, 8, 128, tied=True),
+    "Qwen3-8B": Geometry("qwen3", 4096, 32, 8, 128, tied=False),
+    "Llama-3.2-1B": Geometry("llama", 2048, 32, 8, 64, tied=True, rope_theta=500000.0, llama3_rope_factor=32.0),
+    "Llama-3.2-3B": Geometry("llama", 3072, 24, 8, 128, tied=True, rope_theta=500000.0, llama3_rope_factor=32.0),
+    "Llama-3.1-8B": Geometry("llama", 4096, 32, 8, 128, tied=False, rope_theta=500000.0, llama3_rope_factor=8.0),
+}
+
+
+def dense_config(family: str, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 8,
+                 num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None, intermediate_size: int = 96,
+                 tied: bool = True, max_position_embeddings: int = 256, rope_theta: float = 10000.0,
+                 llama3_rope_factor: Optional[float] = None):
+    """A Hugging Face config of a dense model of `family` (qwen2, qwen3, llama) with these sizes."""
+    import transformers
+
+    from router_upcycling.settings.families import LLAMA3_FIXED, family_named
+
+    rope = {"rope_type": "default", "rope_theta": rope_theta}
+    if llama3_rope_factor is not None:
+        rope = {"rope_type": "llama3", "factor": llama3_rope_factor, "rope_theta": rope_theta,
+                **{key: value for key, value in LLAMA3_FIXED.items()}}
+        max_position_embeddings = max(max_position_embeddings, 131072)  # Llama 3's; past the original 8192
+    config_class = getattr(transformers, family_named(family).hf_architectures[0].replace("ForCausalLM", "Config"))
+    config = config_class(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
+        head_dim=head_dim or hidden_size // num_heads, max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6, rope_parameters=rope, tie_word_embeddings=tied, eos_token_id=0, pad_token_id=0,
+        bos_token_id=None, torch_dtype="float32",
+    )
+    config.architectures = list(family_named(family).hf_architectures[:1])
+    return config
+
+
+def make_dense_model(output_dir: str, geometry: Geometry, seed: int = 0, tokenizer=None, intermediate_size: int = 64,
+                     **config_kwargs) -> str:
+    """Write a 2-layer random dense model with a published checkpoint's attention geometry, and its tokenizer.
+
+    Weights are normal(0, 0.08 * sqrt(64 / hidden size)): the scale make_dense_qwen2 uses at hidden size 64, kept for
+    wider models so that activations and logits stay in the same range.
+    """
+    import transformers
+
+    from router_upcycling.settings.families import family_named
+
+    tokenizer = tokenizer or train_tokenizer()
+    config = dense_config(
+        geometry.family, vocab_size=-(-len(tokenizer) // 128) * 128, hidden_size=geometry.hidden_size,
+        num_heads=geometry.num_heads, num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
+        intermediate_size=intermediate_size, tied=geometry.tied, rope_theta=geometry.rope_theta,
+        llama3_rope_factor=geometry.llama3_rope_factor, **config_kwargs,
+    )
+    model_class = getattr(transformers, family_named(geometry.family).hf_architectures[0])
+    torch.manual_seed(seed)
+    return _save_randomized(model_class(config), tokenizer, output_dir, 0.08 * (64 / geometry.hidden_size) ** 0.5)
 
 
 def make_dense_qwen2(output_dir: str, seed: int = 0, std: float = 0.08, tokenizer=None, **config_kwargs) -> str:

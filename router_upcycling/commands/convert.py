@@ -15,13 +15,13 @@ from router_upcycling.cli import OneLineErrorParser, run_command
 from router_upcycling.settings.export import export_formats
 from router_upcycling.settings.families import FAMILIES
 from router_upcycling.settings.routers import AGGREGATIONS, DEFAULT_ROUTER, router_names, routers_help
-from router_upcycling.settings.upcycle import PAPER_CALIBRATION_TOKENS
+from router_upcycling.settings.upcycle import PAPER_CALIBRATION_TOKENS, QK_NORM_SIDES
 
 # MoESettings' and CalibrationSettings' fields and the upcycle flags that set them
 UPCYCLE_FLAGS = {"num_experts": "--num-experts", "topk": "--topk", "router": "--router", "num_routers": "--num-routers",
                  "aggregation": "--router-aggregation", "router_scale": "--router-scale", "calib_files": "--calib-data",
                  "calib_tokens": "--calib-tokens", "calib_seq_length": "--calib-seq-length",
-                 "calib_batch_size": "--calib-batch-size", "output": "--output"}
+                 "calib_batch_size": "--calib-batch-size", "router_qk_norm": "--router-qk-norm", "output": "--output"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--calib-tokens", type=int, default=PAPER_CALIBRATION_TOKENS, help="calibration tokens (paper: 10 x 1024 x 4096)")
     up.add_argument("--calib-seq-length", type=int, default=4096, help="tokens per calibration chunk")
     up.add_argument("--calib-batch-size", type=int, default=None, help="chunks per forward pass (results do not depend on it)")
+    up.add_argument("--router-qk-norm", choices=QK_NORM_SIDES, default=QK_NORM_SIDES[0],
+                    help="QK-norm models (Qwen3), mor: take the routers' queries and the average keys before the per-head "
+                         "norm (W_q; the mean key before k_norm) or after it (the query norm's weight folded into W_q; "
+                         "the mean of k_norm's output); docs/method.md part 2")
     up.add_argument("--dtype", choices=STORAGE_DTYPE_NAMES, default="bf16", help="dtype of the written weights (routers stay fp32)")
     up.add_argument("--seed", type=int, default=1234, help="seed of the random baseline routers")
     up.add_argument("--force", action="store_true", help="replace --output if it exists")
@@ -59,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "so a correct conversion agrees to ~1e-5")
     ver.add_argument("--num-sequences", type=int, default=4, help="random token sequences to compare")
     ver.add_argument("--seq-length", type=int, default=32, help="tokens per sequence")
+    ver.add_argument("--long-seq-length", type=int, default=2048, help="tokens of one more, long sequence (capped at "
+                     "the model's max_position_embeddings; 0 = none): far positions show what short ones miss, such "
+                     "as Llama 3's RoPE scaling")
 
     exp = commands.add_parser("export", help="Megatron MoE checkpoint -> Hugging Face folder",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -66,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output", required=True, help="Hugging Face folder to write")
     stock = ", ".join(f"{f.stock.format} ({f.stock.architecture}, for {f.display} models)" for f in FAMILIES)
     exp.add_argument("--format", required=True, choices=export_formats(),
-                     help=f"mor: our modeling code (trust_remote_code), every router; the family's stock MoE in plain "
-                          f"transformers, routers that fold to a linear gate only: {stock}")
+                     help=f"mor: our modeling code (trust_remote_code), every router; stock: the model family's own MoE "
+                          f"in plain transformers, routers that fold to a linear gate only ({stock}; these names work "
+                          "too, for their family)")
     exp.add_argument("--iteration", type=int, default=None, help="iteration to export; default: the latest complete one")
     exp.add_argument("--dtype", choices=STORAGE_DTYPE_NAMES, default="bf16", help="dtype of the written weights")
     exp.add_argument("--force", action="store_true", help="replace --output if it exists")
@@ -81,7 +89,8 @@ def run_upcycle(args) -> int:
     moe = MoESettings(num_experts=args.num_experts, topk=args.topk, router=args.router,
                       num_routers=args.num_routers, aggregation=args.router_aggregation, router_scale=args.router_scale)
     calib = CalibrationSettings(files=args.calib_data, json_key=args.calib_json_key, tokens=args.calib_tokens,
-                                seq_length=args.calib_seq_length, batch_size=args.calib_batch_size)
+                                seq_length=args.calib_seq_length, batch_size=args.calib_batch_size,
+                                qk_norm=args.router_qk_norm)
     check_upcycle(args.hf_model, args.output, moe, calib, args.force)
     from router_upcycling.convert.upcycle import upcycle
 
@@ -92,16 +101,23 @@ def run_upcycle(args) -> int:
 
 def run_verify(args) -> int:
     from router_upcycling.checkpoint_folder import read_checkpoint_settings
+    from router_upcycling.errors import UserError
+
+    for flag, value, least in (("--num-sequences", args.num_sequences, 1), ("--seq-length", args.seq_length, 1),
+                               ("--long-seq-length", args.long_seq_length, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
     from router_upcycling.settings.architecture import read_dense_model
 
     read_dense_model(args.hf_model)
     read_checkpoint_settings(args.checkpoint)
     from router_upcycling.convert.verify import verify
 
-    report = verify(args.hf_model, args.checkpoint, args.num_sequences, args.seq_length)
+    report = verify(args.hf_model, args.checkpoint, args.num_sequences, args.seq_length, args.long_seq_length)
     verdict = "OK" if report.passed(args.tolerance) else "FAIL"
     print(f"max |logit difference| = {report.max_abs_diff:.3e} (tolerance {args.tolerance:g}); "
-          f"top-1 agreement = {100 * report.top1_agreement:.2f}% over {report.num_tokens} tokens: {verdict}")
+          f"top-1 agreement = {100 * report.top1_agreement:.2f}% over {report.num_tokens} tokens "
+          f"({' and '.join(report.batches)}): {verdict}")
     return 0 if verdict == "OK" else 1
 
 

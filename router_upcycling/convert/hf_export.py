@@ -23,8 +23,7 @@ from transformers.utils.hub import convert_file_size_to_int
 import router_upcycling.mor as router_math
 from router_upcycling.outputs import staged_output
 from router_upcycling.hf import configuration_mor, modeling_mor
-from router_upcycling.hf.configuration_mor import Qwen2MoRConfig
-from router_upcycling.hf.modeling_mor import Qwen2MoRForCausalLM
+from router_upcycling.hf.configuration_mor import MoRRouterConfig
 from router_upcycling.settings.architecture import Architecture, ArchitectureError
 from router_upcycling.settings.export import ExportError, stock_gate_refusal
 from router_upcycling.settings.families import Family, family_named
@@ -33,11 +32,17 @@ from router_upcycling.settings.routers import resolve
 
 # Keys of the dense config.json that describe the file rather than the architecture.
 DENSE_CONFIG_KEYS_NOT_CARRIED = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
-MOR_AUTO_MAP = {
-    "AutoConfig": "configuration_mor.Qwen2MoRConfig",
-    "AutoModel": "modeling_mor.Qwen2MoRModel",
-    "AutoModelForCausalLM": "modeling_mor.Qwen2MoRForCausalLM",
-}
+
+
+def mor_auto_map(family: Family) -> dict:
+    """config.json's auto_map of a `mor` folder: the family's classes in the files copied beside the weights."""
+    prefix = family.mor_prefix
+    return {"AutoConfig": f"configuration_mor.{prefix}MoRConfig", "AutoModel": f"modeling_mor.{prefix}MoRModel",
+            "AutoModelForCausalLM": f"modeling_mor.{prefix}MoRForCausalLM"}
+
+
+def mor_causal_lm_class(family: Family) -> type:
+    return getattr(modeling_mor, f"{family.mor_prefix}MoRForCausalLM")
 ROUTER_PREFIX = "mlp.gate."
 
 
@@ -67,15 +72,18 @@ def source_architecture(hf_config: dict) -> Architecture:
         raise ExportError(str(err)) from None
 
 
-def mor_config(hf_config: dict, moe: MoESettings, dtype: torch.dtype) -> Qwen2MoRConfig:
-    """The `qwen2_mor` config of an export: dense architecture + the MoE settings of the checkpoint metadata."""
+def mor_config(hf_config: dict, moe: MoESettings, dtype: torch.dtype) -> MoRRouterConfig:
+    """The `mor` config of an export (qwen2_mor, qwen3_mor, llama_mor): the dense architecture + the family's stock MoE
+    fields + the MoE settings of the checkpoint metadata."""
     arch = source_architecture(hf_config)
+    family = family_named(arch.family)
+    config_class = getattr(configuration_mor, f"{family.mor_prefix}MoRConfig")
     try:
-        config = Qwen2MoRConfig(**_moe_config_kwargs(hf_config, arch, moe, dtype), **router_config_fields(arch, moe))
+        config = config_class(**_moe_config_kwargs(hf_config, arch, moe, dtype), **router_config_fields(arch, moe))
     except (ValueError, TypeError) as error:
         raise ExportError(f"invalid MoE settings: {error}") from error
-    config.architectures = ["Qwen2MoRForCausalLM"]
-    config.auto_map = dict(MOR_AUTO_MAP)
+    config.architectures = [mor_causal_lm_class(family).__name__]
+    config.auto_map = mor_auto_map(family)
     return config
 
 
@@ -91,17 +99,17 @@ def stock_config(hf_config: dict, moe: MoESettings, dtype: torch.dtype):
 # ---------------------------------------------------------------- tensors
 
 
-def expected_mor_shapes(config: Qwen2MoRConfig) -> dict[str, torch.Size]:
+def expected_mor_shapes(config: MoRRouterConfig) -> dict[str, torch.Size]:
     """Name -> shape of every tensor a `mor` folder holds, read off the model itself (built on the meta device)."""
     with torch.device("meta"):
-        model = Qwen2MoRForCausalLM(config)
+        model = getattr(modeling_mor, config.architectures[0])(config)
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     if config.tie_word_embeddings:
         del shapes["lm_head.weight"]
     return shapes
 
 
-def check_mor_tensors(tensors: dict[str, torch.Tensor], config: Qwen2MoRConfig) -> None:
+def check_mor_tensors(tensors: dict[str, torch.Tensor], config: MoRRouterConfig) -> None:
     """Raise ExportError unless `tensors` has exactly the names and shapes of the `mor` model `config` describes."""
     expected = expected_mor_shapes(config)
     missing = sorted(set(expected) - set(tensors))
@@ -143,27 +151,28 @@ def folded_gate(tensors: dict[str, torch.Tensor], layer: int, moe: MoESettings, 
     return resolve(moe.spec.linear_gate)(router, moe)
 
 
-def stock_tensors(tensors: dict[str, torch.Tensor], config, moe: MoESettings, family: Family) -> dict[str, torch.Tensor]:
+def stock_tensors(tensors: dict[str, torch.Tensor], arch: Architecture, moe: MoESettings) -> dict[str, torch.Tensor]:
     """`mor` tensors -> the per-expert on-disk layout of the family's published MoE checkpoints.
 
     Fused experts split into per-expert gate [I, d], up [I, d] and down [d, I] projections; the router becomes the
     linear gate [N, d]; the stock model's tensors an upcycled model has no use for are zeros (Qwen2-MoE's shared
     expert of size 0), so loading is complete.
     """
+    family = family_named(arch.family)
     stock = family.stock
     out = {name: tensor for name, tensor in tensors.items() if ".mlp." not in name}
-    intermediate = config.moe_intermediate_size
-    for layer in range(config.num_hidden_layers):
+    intermediate = arch.ffn_hidden_size
+    for layer in range(arch.num_layers):
         source = f"model.layers.{layer}.mlp."
         block = f"model.layers.{layer}.{stock.block}"
         gate_up = tensors[source + "experts.gate_up_proj"]  # [N, 2I, d]
         down = tensors[source + "experts.down_proj"]  # [N, d, I]
-        for expert in range(config.num_experts):
+        for expert in range(moe.num_experts):
             out[block + stock.expert_gate.format(expert=expert)] = gate_up[expert, :intermediate]
             out[block + stock.expert_up.format(expert=expert)] = gate_up[expert, intermediate:]
             out[block + stock.expert_down.format(expert=expert)] = down[expert]
         out[block + stock.gate] = folded_gate(tensors, layer, moe, family)
-        for name, shape in stock.zero_tensors(config.hidden_size).items():
+        for name, shape in stock.zero_tensors(arch.hidden_size).items():
             out[block + name] = torch.zeros(shape)
     return out
 
@@ -279,7 +288,7 @@ def model_card(card: dict, moe: MoESettings, arch: Architecture, dtype: torch.dt
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     loading = (
-        "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # Qwen2MoRForCausalLM"
+        f"AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # {mor_causal_lm_class(family).__name__}"
         if remote_code
         else f"AutoModelForCausalLM.from_pretrained(path)  # stock {family.stock.architecture}"
     )
@@ -316,7 +325,7 @@ def write_mor_folder(
     force: bool = False,
     max_shard_size: Union[int, str] = "5GB",
 ) -> str:
-    """Write a self-contained `qwen2_mor` folder (loads with `trust_remote_code=True`); returns its path.
+    """Write a self-contained `mor` folder (loads with `trust_remote_code=True`); returns its path.
 
     Args:
         tensors: every weight in the `mor` naming of docs/checkpoint-format.md.
@@ -350,16 +359,15 @@ def write_stock_folder(
     force: bool = False,
     max_shard_size: Union[int, str] = "5GB",
 ) -> str:
-    """Write the family's stock MoE folder (Qwen2-MoE for Qwen2; no remote code); returns its path.
+    """Write the family's stock MoE folder (Qwen2-MoE, Qwen3-MoE or Mixtral; no remote code); returns its path.
 
     Same arguments as `write_mor_folder`. The router must fold to a linear gate (`linear`, `switch` as top-1
     linear, `mor` with `sum` aggregation and one key per expert); otherwise ExportError says why.
     """
     arch = source_architecture(hf_config)
-    family = family_named(arch.family)
     check_mor_tensors(tensors, mor_config(hf_config, moe, dtype))
     config = stock_config(hf_config, moe, dtype)
-    weights = stock_tensors(tensors, config, moe, family)
+    weights = stock_tensors(tensors, arch, moe)
     tokenizer = read_tokenizer(tokenizer_dir)
     with staged_output(output_dir, force) as folder:
         write_safetensors(weights, folder, dtype, max_shard_size)

@@ -44,6 +44,7 @@ class RouterInit:
 
     weights: List[Dict[str, torch.Tensor]]
     calibration: Optional[dict] = None
+    tied_experts: Optional[List[List[List[int]]]] = None  # per layer, the groups of experts that start with equal keys
 
 
 def routers_from_attention(context: UpcycleContext) -> RouterInit:
@@ -52,6 +53,7 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from router_upcycling.init.calibration import average_attention_keys
+    from router_upcycling.init.grouping import tied_experts
     from router_upcycling.init.routers import init_routers_from_attention
     from router_upcycling.text import TextDataError, read_documents
 
@@ -62,15 +64,30 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
         avg_keys, tokens_used = average_attention_keys(
             model, tokenizer, read_documents(calib.files, calib.json_key), max_tokens=calib.tokens,
             seq_length=calib.seq_length, batch_size=calib.batch_size, progress=context.progress,
+            after_key_norm=context.arch.qk_norm and calib.qk_norm == "after",
         )
     except TextDataError as err:
         raise ConversionError(str(err)) from None
-    routers = init_routers_from_attention(model, avg_keys, moe.num_routers, moe.num_experts)
+    after_norm = context.arch.qk_norm and calib.qk_norm == "after"
+    routers = init_routers_from_attention(model, avg_keys, moe.num_routers, moe.num_experts, fold_query_norm=after_norm)
     del model
     gc.collect()
     record = {"tokens": tokens_used, "requested_tokens": calib.tokens, "seq_length": calib.seq_length,
               "files": [os.path.abspath(f) for f in calib.files]}
-    return RouterInit([{"query_weight": query_weight, "keys": keys} for query_weight, keys in routers], record)
+    if context.arch.qk_norm:
+        record["qk_norm"] = calib.qk_norm
+    return RouterInit([{"query_weight": query_weight, "keys": keys} for query_weight, keys in routers], record,
+                      [tied_experts(keys, moe.num_experts) for _, keys in routers])
+
+
+def warn_tied_experts(per_layer: List[List[List[int]]]) -> None:
+    """One warning line per layer where experts start with identical keys (identical logits for every token)."""
+    for layer, groups in enumerate(per_layer):
+        if groups:
+            listed = "; ".join(", ".join(map(str, group)) for group in groups)
+            log.warning("layer %d: experts %s hold identical keys: identical logits and gradients for every token, "
+                        "so they never separate (grouped-query attention shares average keys; see docs/method.md)",
+                        layer, listed)
 
 
 def random_router_weights(router, seed: int, layer: int, std: float = INIT_STD) -> dict:
@@ -126,6 +143,8 @@ def upcycle(
     spec = moe.spec
     context = UpcycleContext(hf_model, arch, moe, calib, seed, progress)
     initialised = resolve(spec.initialise)(context) if spec.initialise else None
+    if initialised and initialised.tied_experts:
+        warn_tied_experts(initialised.tied_experts)
 
     with staged_output(output, force) as staging:
         log.info("reading %s", hf_model)
@@ -149,6 +168,8 @@ def upcycle(
             "moe": moe.to_dict(arch),
             "source_model": os.path.abspath(hf_model),
             "calibration": initialised.calibration if initialised else None,
+            "tied_experts": ([sum(map(len, groups)) for groups in initialised.tied_experts]
+                             if initialised and initialised.tied_experts is not None else None),
             "dtype": dtype,
             "seed": seed,
             "training": {"iteration": 0, "consumed_tokens": 0},

@@ -8,11 +8,18 @@ from router_upcycling.convert.hf_source import ConversionError
 from router_upcycling.settings.architecture import read_dense_model
 
 
+LONG_SEQUENCE = 2048  # verify's long sequence, or the model's maximum when that is shorter
+
+
 @dataclasses.dataclass
 class VerifyReport:
+    """Over every compared token: the largest |logit difference| and the share of tokens whose top-1 token agrees;
+    `batches` describes the sequences compared (e.g. ["4 x 32", "1 x 2048"])."""
+
     max_abs_diff: float
     top1_agreement: float
     num_tokens: int
+    batches: list = dataclasses.field(default_factory=list)
 
     def passed(self, tolerance: float) -> bool:
         return self.max_abs_diff <= tolerance
@@ -57,8 +64,11 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits).float().cpu()
 
 
-def verify(hf_model: str, checkpoint: str, num_sequences: int = 4, seq_length: int = 32) -> VerifyReport:
-    """Logits of the checkpoint's MoE against its dense source on random token sequences, both on this rank's device."""
+def verify(hf_model: str, checkpoint: str, num_sequences: int = 4, seq_length: int = 32,
+           long_seq_length: int = LONG_SEQUENCE) -> VerifyReport:
+    """Logits of the checkpoint's MoE against its dense source on random token sequences, both on this rank's device:
+    `num_sequences` x `seq_length`, and one long sequence of `long_seq_length` tokens or the model's maximum, whichever
+    is smaller (0: none). A short sequence misses what only far positions show (Llama 3's RoPE scaling)."""
     from transformers import AutoModelForCausalLM
 
     from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
@@ -71,12 +81,18 @@ def verify(hf_model: str, checkpoint: str, num_sequences: int = 4, seq_length: i
     # difference left is the conversion's, not the storage dtype's.
     stored_dtype = STORAGE_DTYPES[metadata.get("dtype", "fp32")]
     dense = AutoModelForCausalLM.from_pretrained(hf_model, dtype=stored_dtype).float().eval().to(device)
-    tokens = sample_token_sequences(arch.vocab_size, num_sequences, seq_length)
-    with torch.no_grad():
-        expected = dense(tokens.to(device)).logits.float().cpu()
-    actual = megatron_logits(model.to(device), tokens)
-    return VerifyReport(
-        max_abs_diff=(actual - expected).abs().max().item(),
-        top1_agreement=(actual.argmax(-1) == expected.argmax(-1)).float().mean().item(),
-        num_tokens=tokens.numel(),
-    )
+    model = model.to(device)
+    batches = [sample_token_sequences(arch.vocab_size, num_sequences, seq_length)]
+    long_length = min(long_seq_length, arch.max_position_embeddings)
+    if long_length > 0:
+        batches.append(sample_token_sequences(arch.vocab_size, 1, long_length, seed=1))
+    max_abs_diff, agreeing, num_tokens = 0.0, 0.0, 0
+    for tokens in batches:
+        with torch.no_grad():
+            expected = dense(tokens.to(device)).logits.float().cpu()
+        actual = megatron_logits(model, tokens)
+        max_abs_diff = max(max_abs_diff, (actual - expected).abs().max().item())
+        agreeing += (actual.argmax(-1) == expected.argmax(-1)).float().sum().item()
+        num_tokens += tokens.numel()
+    return VerifyReport(max_abs_diff, agreeing / num_tokens, num_tokens,
+                        [f"{tokens.shape[0]} x {tokens.shape[1]}" for tokens in batches])

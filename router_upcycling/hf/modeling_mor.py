@@ -1,9 +1,14 @@
-"""Hugging Face `mor` model: Qwen2-MoE without a shared expert, whose `mlp.gate` is the chosen router.
+"""Hugging Face `mor` models: each family's stock MoE without a shared expert, whose `mlp.gate` is the chosen router.
 
-Attention, norms, rotary embedding, fused experts, the decoder layer's forward, the model's forward and
-generation are transformers' own Qwen2-MoE classes; this file adds only the routers and the sparse block
-that has no shared expert. An exported folder carries this file, `configuration_mor.py` and the router
-math as `mor.py`; it loads with `trust_remote_code=True` and needs nothing but torch and transformers.
+| family | classes | attention, norms, rotary embedding, experts, forward and generation: transformers' own |
+|---|---|---|
+| Qwen2 (Qwen1.5, Qwen2, Qwen2.5) | Qwen2MoRModel, Qwen2MoRForCausalLM | Qwen2-MoE's (q/k/v biases) |
+| Qwen3 | Qwen3MoRModel, Qwen3MoRForCausalLM | Qwen3-MoE's (per-head RMSNorm of queries and keys) |
+| Llama 3 | LlamaMoRModel, LlamaMoRForCausalLM | Mixtral's (Llama's attention; llama3 RoPE scaling from rope_parameters) |
+
+This file adds only the routers (gates) and the sparse block that has no shared expert. An exported folder carries
+this file, `configuration_mor.py` and the router math as `mor.py`; it loads with `trust_remote_code=True` and needs
+nothing but torch and transformers.
 
 Shape legend
     T  tokens (batch * sequence)   d  hidden size     N  experts    k  experts per token
@@ -17,6 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.mixtral.modeling_mixtral import (
+    MixtralAttention,
+    MixtralDecoderLayer,
+    MixtralExperts,
+    MixtralForCausalLM,
+    MixtralModel,
+    MixtralPreTrainedModel,
+    MixtralRMSNorm,
+    MixtralRotaryEmbedding,
+)
 from transformers.models.qwen2_moe.modeling_qwen2_moe import (
     Qwen2MoeAttention,
     Qwen2MoeDecoderLayer,
@@ -27,14 +44,23 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
     Qwen2MoeRMSNorm,
     Qwen2MoeRotaryEmbedding,
 )
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeAttention,
+    Qwen3MoeDecoderLayer,
+    Qwen3MoeExperts,
+    Qwen3MoeForCausalLM,
+    Qwen3MoeModel,
+    Qwen3MoePreTrainedModel,
+    Qwen3MoeRMSNorm,
+    Qwen3MoeRotaryEmbedding,
+)
 from transformers.utils.output_capturing import OutputRecorder
 
-from .configuration_mor import Qwen2MoRConfig
+from .configuration_mor import LlamaMoRConfig, MoRRouterConfig, Qwen2MoRConfig, Qwen3MoRConfig
 from .mor import grap_expert_logits, mor_expert_logits
 
 
-class Qwen2MoRRouter(nn.Module):
+class MoRGate(nn.Module):
     """Base of the gates: logits from `expert_logits`, then top-k and the top-k weights.
 
     `forward(hidden [T, d]) -> (router_logits [T, N] float32, top_k_weights [T, k], top_k_index [T, k])`,
@@ -47,7 +73,7 @@ class Qwen2MoRRouter(nn.Module):
 
     router_type: str
 
-    def __init__(self, config: Qwen2MoRConfig, top_k: int):
+    def __init__(self, config: MoRRouterConfig, top_k: int):
         super().__init__()
         self.check_config(config)
         self.top_k = top_k
@@ -56,7 +82,7 @@ class Qwen2MoRRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
 
     @classmethod
-    def check_config(cls, config: Qwen2MoRConfig) -> None:
+    def check_config(cls, config: MoRRouterConfig) -> None:
         """Raise ValueError for router fields this gate cannot follow."""
 
     def expert_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -74,13 +100,13 @@ class Qwen2MoRRouter(nn.Module):
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
-class Qwen2MoRMixtureOfRoutersGate(Qwen2MoRRouter):
+class MoRMixtureOfRoutersGate(MoRGate):
     """Mixture-of-Routers: R query projections `query_weight` [R, d_r, d] scored against `keys` [K, d_r]."""
 
     router_type = "mor"
     AGGREGATIONS = ("sum", "max")
 
-    def __init__(self, config: Qwen2MoRConfig):
+    def __init__(self, config: MoRRouterConfig):
         super().__init__(config, config.num_experts_per_tok)
         self.aggregation = config.router_aggregation
         self.scale = config.router_scale
@@ -88,7 +114,7 @@ class Qwen2MoRMixtureOfRoutersGate(Qwen2MoRRouter):
         self.keys = nn.Parameter(torch.zeros(config.num_router_keys, config.router_dim))
 
     @classmethod
-    def check_config(cls, config: Qwen2MoRConfig) -> None:
+    def check_config(cls, config: MoRRouterConfig) -> None:
         if config.router_aggregation not in cls.AGGREGATIONS:
             raise ValueError(f"router_aggregation must be one of {cls.AGGREGATIONS}, got {config.router_aggregation!r}")
         if config.num_router_keys % config.num_experts:
@@ -100,12 +126,12 @@ class Qwen2MoRMixtureOfRoutersGate(Qwen2MoRRouter):
         )
 
 
-class Qwen2MoRLinearGate(Qwen2MoRRouter):
+class MoRLinearGate(MoRGate):
     """Linear router `weight` [N, d]."""
 
     router_type = "linear"
 
-    def __init__(self, config: Qwen2MoRConfig, top_k: int = None):
+    def __init__(self, config: MoRRouterConfig, top_k: int = None):
         super().__init__(config, config.num_experts_per_tok if top_k is None else top_k)
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
 
@@ -113,26 +139,26 @@ class Qwen2MoRLinearGate(Qwen2MoRRouter):
         return F.linear(hidden, self.weight.float())
 
 
-class Qwen2MoRSwitchGate(Qwen2MoRLinearGate):
+class MoRSwitchGate(MoRLinearGate):
     """Switch Transformer's router: the linear gate, top-1."""
 
     router_type = "switch"
 
-    def __init__(self, config: Qwen2MoRConfig):
+    def __init__(self, config: MoRRouterConfig):
         super().__init__(config, top_k=1)
 
     @classmethod
-    def check_config(cls, config: Qwen2MoRConfig) -> None:
+    def check_config(cls, config: MoRRouterConfig) -> None:
         if config.num_experts_per_tok != 1:
             raise ValueError(f"a switch router sends each token to 1 expert; got num_experts_per_tok={config.num_experts_per_tok}")
 
 
-class Qwen2MoRMLPGate(Qwen2MoRRouter):
+class MoRMLPGate(MoRGate):
     """Two-layer MLP router d -> d -> N with GELU between, no biases."""
 
     router_type = "mlp"
 
-    def __init__(self, config: Qwen2MoRConfig):
+    def __init__(self, config: MoRRouterConfig):
         super().__init__(config, config.num_experts_per_tok)
         self.fc1 = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.fc2 = nn.Linear(config.hidden_size, config.num_experts, bias=False)
@@ -141,16 +167,16 @@ class Qwen2MoRMLPGate(Qwen2MoRRouter):
         return F.linear(F.gelu(F.linear(hidden, self.fc1.weight.float())), self.fc2.weight.float())
 
 
-class Qwen2MoRGrAPGate(Qwen2MoRRouter):
+class MoRGrAPGate(MoRGate):
     """LocMoE's GrAP gate: logit i = ReLU(mean of channel group i of N contiguous groups); no parameters."""
 
     router_type = "locmoe"
 
-    def __init__(self, config: Qwen2MoRConfig):
+    def __init__(self, config: MoRRouterConfig):
         super().__init__(config, config.num_experts_per_tok)
 
     @classmethod
-    def check_config(cls, config: Qwen2MoRConfig) -> None:
+    def check_config(cls, config: MoRRouterConfig) -> None:
         if config.hidden_size % config.num_experts:
             raise ValueError(f"a locmoe (GrAP) router needs num_experts ({config.num_experts}) to divide hidden_size ({config.hidden_size})")
 
@@ -159,23 +185,23 @@ class Qwen2MoRGrAPGate(Qwen2MoRRouter):
 
 
 GATES = {gate.router_type: gate for gate in (
-    Qwen2MoRMixtureOfRoutersGate, Qwen2MoRLinearGate, Qwen2MoRSwitchGate, Qwen2MoRMLPGate, Qwen2MoRGrAPGate)}
+    MoRMixtureOfRoutersGate, MoRLinearGate, MoRSwitchGate, MoRMLPGate, MoRGrAPGate)}
 
 
-def build_router(config: Qwen2MoRConfig) -> Qwen2MoRRouter:
+def build_router(config: MoRRouterConfig) -> MoRGate:
     """The gate that `config.router_type` names."""
     if config.router_type not in GATES:
         raise ValueError(f"router_type must be one of {tuple(GATES)}, got {config.router_type!r}")
     return GATES[config.router_type](config)
 
 
-class Qwen2MoRSparseMoeBlock(nn.Module):
-    """Router + fused experts, no shared expert: hidden [B, S, d] -> [B, S, d]."""
+class MoRSparseMoeBlock(nn.Module):
+    """Router + the family's fused experts, no shared expert: hidden [B, S, d] -> [B, S, d]."""
 
-    def __init__(self, config: Qwen2MoRConfig):
+    def __init__(self, config: MoRRouterConfig, experts_class: type):
         super().__init__()
         self.gate = build_router(config)
-        self.experts = Qwen2MoeExperts(config)
+        self.experts = experts_class(config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
@@ -184,34 +210,35 @@ class Qwen2MoRSparseMoeBlock(nn.Module):
         return self.experts(hidden, top_k_index, top_k_weights).reshape(batch_size, sequence_length, hidden_dim)
 
 
-class Qwen2MoRDecoderLayer(Qwen2MoeDecoderLayer):
-    """Qwen2-MoE decoder layer (its forward) with the shared-expert-free sparse block in every layer."""
+# ---------------------------------------------------------------- one set of classes per family, from these mixins
 
-    def __init__(self, config: Qwen2MoRConfig, layer_idx: int):
+
+class MoRDecoderLayer:
+    """The family's decoder layer (its forward) with the shared-expert-free sparse block in every layer."""
+
+    attention_class: type
+    norm_class: type
+    experts_class: type
+
+    def __init__(self, config: MoRRouterConfig, layer_idx: int):
         GradientCheckpointingLayer.__init__(self)
-        self.self_attn = Qwen2MoeAttention(config, layer_idx)
-        self.mlp = Qwen2MoRSparseMoeBlock(config)
-        self.input_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hidden_size = config.hidden_size
+        self.self_attn = self.attention_class(config, layer_idx)
+        self.mlp = MoRSparseMoeBlock(config, self.experts_class)
+        self.input_layernorm = self.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(config.hidden_size, eps=config.rms_norm_eps)
 
 
-class Qwen2MoRPreTrainedModel(Qwen2MoePreTrainedModel):
-    config: Qwen2MoRConfig
-    config_class = Qwen2MoRConfig
-    _no_split_modules = ["Qwen2MoRDecoderLayer"]
-    _can_record_outputs = {
-        "router_logits": OutputRecorder(Qwen2MoRRouter, index=0),
-        "hidden_states": Qwen2MoRDecoderLayer,
-        "attentions": Qwen2MoeAttention,
-    }
+class MoRPreTrainedModel:
+    """What every family's `mor` PreTrainedModel adds: float32 routers, the router math in saved folders, router init."""
+
     # Routers are small and decide which experts run: keep them in float32 in bf16/fp16 models.
     _keep_in_fp32_modules_strict = ["mlp.gate"]
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
-        # transformers looks for its experts decorator in this file's source; the experts here are its own
-        # decorated Qwen2MoeExperts, so every experts implementation stock Qwen2-MoE offers applies.
+        # transformers looks for its experts decorator in this file's source; the experts here are its own decorated
+        # classes, so every experts implementation the stock model offers applies.
         return True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -225,36 +252,48 @@ class Qwen2MoRPreTrainedModel(Qwen2MoePreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, Qwen2MoRMixtureOfRoutersGate):
+        if isinstance(module, MoRMixtureOfRoutersGate):
             init.normal_(module.query_weight, mean=0.0, std=std)
             init.normal_(module.keys, mean=0.0, std=std)
-        elif isinstance(module, Qwen2MoRLinearGate):
+        elif isinstance(module, MoRLinearGate):
             init.normal_(module.weight, mean=0.0, std=std)
 
 
-class Qwen2MoRModel(Qwen2MoRPreTrainedModel, Qwen2MoeModel):
-    """Qwen2-MoE's decoder stack (and forward) built from `Qwen2MoRDecoderLayer`s."""
+def recorded_outputs(decoder_layer: type, attention: type) -> dict:
+    return {"router_logits": OutputRecorder(MoRGate, index=0), "hidden_states": decoder_layer,
+            "attentions": attention}
 
-    def __init__(self, config: Qwen2MoRConfig):
-        Qwen2MoRPreTrainedModel.__init__(self, config)
+
+class MoRModel:
+    """The family's decoder stack (and forward) built from its MoR decoder layers."""
+
+    decoder_layer_class: type
+    norm_class: type
+    rotary_class: type
+
+    def __init__(self, config: MoRRouterConfig):
+        PreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
-            [Qwen2MoRDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [self.decoder_layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2MoeRotaryEmbedding(config=config)
+        self.norm = self.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = self.rotary_class(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
 
-class Qwen2MoRForCausalLM(Qwen2MoRPreTrainedModel, Qwen2MoeForCausalLM):
-    """Causal LM head over `Qwen2MoRModel`; forward, loss, load-balancing loss and generation are Qwen2-MoE's."""
+class MoRForCausalLM:
+    """Causal LM head over the family's MoR model; forward, loss, load-balancing loss and generation are the stock
+    model's."""
 
-    def __init__(self, config: Qwen2MoRConfig):
-        Qwen2MoRPreTrainedModel.__init__(self, config)
-        self.model = Qwen2MoRModel(config)
+    model_class: type
+
+    def __init__(self, config: MoRRouterConfig):
+        PreTrainedModel.__init__(self, config)
+        self.model = self.model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.router_aux_loss_coef = config.router_aux_loss_coef
@@ -263,8 +302,78 @@ class Qwen2MoRForCausalLM(Qwen2MoRPreTrainedModel, Qwen2MoeForCausalLM):
         self.post_init()
 
 
-Qwen2MoRConfig.register_for_auto_class()
-Qwen2MoRModel.register_for_auto_class("AutoModel")
-Qwen2MoRForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# ---------------------------------------------------------------- Qwen2 (Qwen2-MoE's classes)
 
-__all__ = ["Qwen2MoRForCausalLM", "Qwen2MoRModel", "Qwen2MoRPreTrainedModel", "Qwen2MoRConfig"]
+
+class Qwen2MoRDecoderLayer(MoRDecoderLayer, Qwen2MoeDecoderLayer):
+    attention_class, norm_class, experts_class = Qwen2MoeAttention, Qwen2MoeRMSNorm, Qwen2MoeExperts
+
+
+class Qwen2MoRPreTrainedModel(MoRPreTrainedModel, Qwen2MoePreTrainedModel):
+    config: Qwen2MoRConfig
+    config_class = Qwen2MoRConfig
+    _no_split_modules = ["Qwen2MoRDecoderLayer"]
+    _can_record_outputs = recorded_outputs(Qwen2MoRDecoderLayer, Qwen2MoeAttention)
+
+
+class Qwen2MoRModel(MoRModel, Qwen2MoRPreTrainedModel, Qwen2MoeModel):
+    decoder_layer_class, norm_class, rotary_class = Qwen2MoRDecoderLayer, Qwen2MoeRMSNorm, Qwen2MoeRotaryEmbedding
+
+
+class Qwen2MoRForCausalLM(MoRForCausalLM, Qwen2MoRPreTrainedModel, Qwen2MoeForCausalLM):
+    model_class = Qwen2MoRModel
+
+
+# ---------------------------------------------------------------- Qwen3 (Qwen3-MoE's classes)
+
+
+class Qwen3MoRDecoderLayer(MoRDecoderLayer, Qwen3MoeDecoderLayer):
+    attention_class, norm_class, experts_class = Qwen3MoeAttention, Qwen3MoeRMSNorm, Qwen3MoeExperts
+
+
+class Qwen3MoRPreTrainedModel(MoRPreTrainedModel, Qwen3MoePreTrainedModel):
+    config: Qwen3MoRConfig
+    config_class = Qwen3MoRConfig
+    _no_split_modules = ["Qwen3MoRDecoderLayer"]
+    _can_record_outputs = recorded_outputs(Qwen3MoRDecoderLayer, Qwen3MoeAttention)
+
+
+class Qwen3MoRModel(MoRModel, Qwen3MoRPreTrainedModel, Qwen3MoeModel):
+    decoder_layer_class, norm_class, rotary_class = Qwen3MoRDecoderLayer, Qwen3MoeRMSNorm, Qwen3MoeRotaryEmbedding
+
+
+class Qwen3MoRForCausalLM(MoRForCausalLM, Qwen3MoRPreTrainedModel, Qwen3MoeForCausalLM):
+    model_class = Qwen3MoRModel
+
+
+# ---------------------------------------------------------------- Llama 3 (Mixtral's classes)
+
+
+class LlamaMoRDecoderLayer(MoRDecoderLayer, MixtralDecoderLayer):
+    attention_class, norm_class, experts_class = MixtralAttention, MixtralRMSNorm, MixtralExperts
+
+
+class LlamaMoRPreTrainedModel(MoRPreTrainedModel, MixtralPreTrainedModel):
+    config: LlamaMoRConfig
+    config_class = LlamaMoRConfig
+    _no_split_modules = ["LlamaMoRDecoderLayer"]
+    _can_record_outputs = recorded_outputs(LlamaMoRDecoderLayer, MixtralAttention)
+
+
+class LlamaMoRModel(MoRModel, LlamaMoRPreTrainedModel, MixtralModel):
+    decoder_layer_class, norm_class, rotary_class = LlamaMoRDecoderLayer, MixtralRMSNorm, MixtralRotaryEmbedding
+
+
+class LlamaMoRForCausalLM(MoRForCausalLM, LlamaMoRPreTrainedModel, MixtralForCausalLM):
+    model_class = LlamaMoRModel
+
+
+for _config, _model, _causal_lm in ((Qwen2MoRConfig, Qwen2MoRModel, Qwen2MoRForCausalLM),
+                                    (Qwen3MoRConfig, Qwen3MoRModel, Qwen3MoRForCausalLM),
+                                    (LlamaMoRConfig, LlamaMoRModel, LlamaMoRForCausalLM)):
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModel")
+    _causal_lm.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["LlamaMoRForCausalLM", "LlamaMoRModel", "Qwen2MoRForCausalLM", "Qwen2MoRModel", "Qwen2MoRPreTrainedModel",
+           "Qwen3MoRForCausalLM", "Qwen3MoRModel"]

@@ -1,9 +1,11 @@
-"""Calibration: the average attention key of every layer of a frozen dense Qwen2 model (method.md part 2).
+"""Calibration: the average attention key of every layer of a frozen dense model (method.md part 2).
 
 Documents are tokenized without special tokens, an EOS token is appended to each, they are
 concatenated and cut into consecutive chunks of `seq_length` tokens (the last partial chunk kept),
 up to `max_tokens` tokens (router_upcycling.text.token_chunks). The average key of layer l is the mean over every calibration token t of
-k_proj(x_t) (with bias), x_t being the k_proj input (after input_layernorm), before RoPE.
+k_proj(x_t) (with bias), x_t being the k_proj input (after input_layernorm), before RoPE. With QK-norm (Qwen3) the key
+can be taken before the per-head norm (k_proj is affine: k_proj of the mean input) or after it (`after_key_norm`:
+the mean of k_norm's output, which is not the norm of the mean: every token has its own scale).
 
 Shape legend
     L  layers        H_kv  key/value heads      d_h  head dim
@@ -37,6 +39,24 @@ def _default_device(model: torch.nn.Module) -> torch.device:
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The Qwen2Model inside a Qwen2ForCausalLM (running it skips the LM head), or the model itself."""
     return getattr(model, "model", model)
+
+
+class _KeyNormOutputSums:
+    """Forward hooks on every layer's self_attn.k_norm that sum its output over tokens, in float64: [L, H_kv, d_h]."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module], num_kv_heads: int, head_dim: int, device: torch.device):
+        self.sums = torch.zeros(len(layers), num_kv_heads, head_dim, dtype=torch.float64, device=device)
+        self.handles = [layer.self_attn.k_norm.register_forward_hook(self._hook(index)) for index, layer in enumerate(layers)]
+
+    def _hook(self, index: int):
+        def add_output(module, inputs, output):
+            self.sums[index] += output.reshape(-1, *self.sums.shape[1:]).double().sum(dim=0)  # [..., H_kv, d_h]
+
+        return add_output
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class _KeyInputSums:
@@ -85,6 +105,7 @@ def average_attention_keys(
     batch_size: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
+    after_key_norm: bool = False,
 ) -> AverageKeys:
     """Average pre-RoPE key of every layer and key/value head over the calibration tokens.
 
@@ -100,6 +121,7 @@ def average_attention_keys(
         device: where to run; default: the model's device if it is an accelerator, else CUDA when
             available, else CPU.
         progress: show a tqdm bar counting tokens.
+        after_key_norm: QK-norm models only: average the keys after the per-head k_norm (else before it).
 
     Returns:
         AverageKeys: the keys [L, H_kv, d_h] (float32, on CPU) and the number of tokens they average over.
@@ -109,9 +131,16 @@ def average_attention_keys(
     decoder = _decoder(model)
     original_device, was_training = next(model.parameters()).device, model.training
     model.eval().to(device)
+    num_kv_heads = model.config.num_key_value_heads
+    layers = decoder.layers
+    if after_key_norm:
+        head_dim = layers[0].self_attn.k_norm.weight.shape[0]
+        sums = _KeyNormOutputSums(layers, num_kv_heads, head_dim, device)
+    else:
+        sums = _KeyInputSums(layers, device)
     try:
-        input_sums, num_tokens = _sum_key_inputs(
-            decoder, chunks, batch_size or default_batch_size(seq_length, device), device, progress, max_tokens
+        num_tokens = _run_over_chunks(
+            decoder, sums, chunks, batch_size or default_batch_size(seq_length, device), device, progress, max_tokens
         )
     finally:
         model.train(was_training).to(original_device)
@@ -119,16 +148,16 @@ def average_attention_keys(
         raise TextDataError("the calibration documents hold no tokens")
     if num_tokens < max_tokens:
         logger.warning("calibration used %d tokens: the documents ran out before the %d asked for", num_tokens, max_tokens)
-    keys = _keys_of_mean_input(decoder.layers, input_sums.cpu() / num_tokens)  # [L, H_kv * d_h]
-    num_kv_heads = model.config.num_key_value_heads
-    return AverageKeys(keys.reshape(len(decoder.layers), num_kv_heads, keys.shape[1] // num_kv_heads).float().cpu(), num_tokens)
+    means = sums.sums.cpu() / num_tokens
+    keys = means if after_key_norm else _keys_of_mean_input(layers, means)  # [L, H_kv, d_h] or [L, H_kv * d_h]
+    return AverageKeys(keys.reshape(len(layers), num_kv_heads, -1).float().cpu(), num_tokens)
 
 
-def _sum_key_inputs(
-    decoder: torch.nn.Module, chunks: Iterable[List[int]], batch_size: int, device: torch.device, progress: bool, max_tokens: int
-) -> Tuple[torch.Tensor, int]:
-    """Run the decoder over the chunks; returns (sum over tokens of every layer's k_proj input [L, d] float64, tokens)."""
-    sums = _KeyInputSums(decoder.layers, device)
+def _run_over_chunks(
+    decoder: torch.nn.Module, sums, chunks: Iterable[List[int]], batch_size: int, device: torch.device, progress: bool,
+    max_tokens: int,
+) -> int:
+    """Run the decoder over the chunks with the sums' hooks in place; returns the number of tokens."""
     num_tokens = 0
     try:
         with torch.no_grad(), tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="calibration", disable=not progress) as bar:
@@ -139,4 +168,4 @@ def _sum_key_inputs(
                 bar.update(input_ids.numel())
     finally:
         sums.remove()
-    return sums.sums, num_tokens
+    return num_tokens

@@ -7,7 +7,7 @@ Shape legend
     H    query heads            H_kv  key/value heads (GQA when H_kv < H)
     d_h  head dim               d     hidden size
     R    routers per layer      N     experts per layer
-    P    query parts = max(H, R): heads, or head parts when R > H (each head split in R/H)
+    P    query parts = lcm(H, R): each head cut into P / H contiguous parts (P = H when R divides H)
     d_p  rows per part = H * d_h / P
     d_r  router dim = H * d_h / R
     K    expert keys = max(R, N)
@@ -17,16 +17,17 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from router_upcycling.settings.routers import check_router_count
+from router_upcycling.mor import expert_key_indices
+from router_upcycling.settings.routers import check_router_count, head_parts
 
 
 def split_query_heads(q_weight: torch.Tensor, num_heads: int, num_routers: int) -> torch.Tensor:
-    """The query blocks that are grouped into routers: [H * d_h, d] -> [P, d_p, d].
+    """The query blocks that are grouped into routers: [H * d_h, d] -> [P, d_p, d], P = lcm(H, R).
 
-    R <= H: the H head blocks Q_h. R > H: each head split into R/H contiguous row parts, part
-    p = h * (R/H) + j holding rows j*d_p .. (j+1)*d_p of head h.
+    R divides H: the H head blocks Q_h. Otherwise each head is cut into c = P/H contiguous row parts, part
+    p = h * c + j holding rows j*d_p .. (j+1)*d_p of head h.
     """
-    num_parts = max(num_heads, num_routers)
+    num_parts = head_parts(num_heads, num_routers)
     return q_weight.reshape(num_parts, q_weight.shape[0] // num_parts, q_weight.shape[1])
 
 
@@ -106,7 +107,7 @@ def router_weights_from_attention(
         query_weight [R, d_r, d]: router r's rows are its group's query blocks, concatenated in group order.
         keys [K, d_r]: key j is group (j mod R)'s key, the matching parts of its heads' average keys
             concatenated likewise; expert i holds keys {i, i+N, ...} (router_upcycling.mor).
-        groups: the P-part indices of each router (P = max(H, R)).
+        groups: the P-part indices of each router (P = lcm(H, R)).
     """
     head_dim = q_weight.shape[0] // num_heads
     if q_weight.shape[0] != num_heads * head_dim or tuple(head_keys.shape) != (num_heads, head_dim):
@@ -122,3 +123,18 @@ def router_weights_from_attention(
     group_keys = torch.stack([key_parts[group].reshape(-1) for group in groups])  # [R, d_r]
     key_groups = torch.arange(max(num_routers, num_experts)) % num_routers  # key j <- router j mod R, K = max(R, N)
     return query_weight, group_keys[key_groups], groups  # stack and indexing copy: no storage is shared
+
+
+def tied_experts(keys: torch.Tensor, num_experts: int) -> List[List[int]]:
+    """Groups of two or more experts that hold exactly the same keys [K, d_r] (expert i holds keys {i, i+N, ...}).
+
+    Such experts start with identical logits for every token and, being copies of one FFN, identical gradients:
+    nothing ever separates them. Grouped-query attention makes this happen (query heads of one KV group share their
+    average key), and so do R < N routers (keys duplicated N/R times).
+    """
+    indices = expert_key_indices(num_experts, keys.shape[0])  # [N, K / N]
+    holders: dict = {}
+    for expert in range(num_experts):
+        held = tuple(sorted(tuple(row) for row in keys[indices[expert]].tolist()))  # an expert takes the max: a set
+        holders.setdefault(held, []).append(expert)
+    return [experts for experts in holders.values() if len(experts) > 1]

@@ -1,4 +1,4 @@
-"""Mixture-of-Routers weights of every layer of a dense Hugging Face Qwen2 model (method.md part 2).
+"""Mixture-of-Routers weights of every layer of a dense Hugging Face model (method.md part 2).
 
 Shape legend: L layers, H query heads, H_kv key/value heads, d_h head dim, d hidden size,
 R routers, d_r router dim, K expert keys.
@@ -10,16 +10,28 @@ import torch
 from router_upcycling.init.grouping import head_keys_from_kv, router_weights_from_attention
 
 
+def query_weight_of(layer: torch.nn.Module, num_heads: int, fold_query_norm: bool) -> torch.Tensor:
+    """A layer's q_proj weight [H * d_h, d], float32 on CPU; with `fold_query_norm` (QK-norm models) each head's rows
+    scaled by the query norm's weight g_q [d_h]: diag(g_q) W_q, the norm's linear part (its 1/rms is per token)."""
+    q_weight = layer.self_attn.q_proj.weight.detach().float().cpu()
+    if not fold_query_norm:
+        return q_weight
+    gain = layer.self_attn.q_norm.weight.detach().float().cpu()  # [d_h]
+    return (q_weight.view(num_heads, gain.shape[0], -1) * gain[None, :, None]).reshape(q_weight.shape)
+
+
 def init_routers_from_attention(
-    hf_model: torch.nn.Module, avg_kv_keys: torch.Tensor, num_routers: int, num_experts: int
+    hf_model: torch.nn.Module, avg_kv_keys: torch.Tensor, num_routers: int, num_experts: int,
+    fold_query_norm: bool = False,
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """(query_weight [R, d_r, d], keys [K, d_r]) of every layer, float32 on CPU.
 
     Args:
-        hf_model: the dense Qwen2ForCausalLM (or Qwen2Model); its q_proj weights are read (the q bias is not used).
+        hf_model: the dense ...ForCausalLM (or its decoder); its q_proj weights are read (the q bias is not used).
         avg_kv_keys: [L, H_kv, d_h] from router_upcycling.init.calibration.average_attention_keys.
         num_routers: R.
         num_experts: N.
+        fold_query_norm: QK-norm models: take the queries after the norm's weight (query_weight_of).
     """
     layers = getattr(hf_model, "model", hf_model).layers
     num_heads = hf_model.config.num_attention_heads
@@ -30,7 +42,7 @@ def init_routers_from_attention(
         )
     routers = []
     for layer, kv_keys in zip(layers, avg_kv_keys):
-        q_weight = layer.self_attn.q_proj.weight.detach().float().cpu()  # [H * d_h, d]
+        q_weight = query_weight_of(layer, num_heads, fold_query_norm)  # [H * d_h, d]
         head_keys = head_keys_from_kv(kv_keys.float().cpu(), num_heads)  # [H, d_h]
         query_weight, keys, _ = router_weights_from_attention(q_weight, head_keys, num_heads, num_routers, num_experts)
         routers.append((query_weight, keys))

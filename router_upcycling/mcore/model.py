@@ -64,13 +64,16 @@ class RMSNorm(torch.nn.Module):
 
 
 def moe_layer_spec(
-    moe: MoESettings, use_transformer_engine: bool = False, moe_grouped_gemm: bool = False, **training_options
+    moe: MoESettings, use_transformer_engine: bool = False, moe_grouped_gemm: bool = False, qk_layernorm: bool = False,
+    **training_options,
 ) -> ModuleSpec:
-    """A GPT layer spec whose MoE uses our router: Transformer Engine modules, or local ones with our RMSNorm."""
+    """A GPT layer spec whose MoE uses our router: Transformer Engine modules, or local ones with our RMSNorm (also
+    the per-head query/key norm of QK-norm models: megatron-core applies it over each head's d_h channels)."""
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm,
+                                                          qk_layernorm=qk_layernorm)
         # Both specs must read and write the same checkpoint keys. The local spec stores its pre-MLP norm under the
         # name of the norm Transformer Engine fuses into a dense layer's fc1 ("mlp.linear_fc1.layer_norm_weight");
         # megatron-core's TE MoE spec keeps a separate norm and stores it as "pre_mlp_layernorm.weight". Mapping it
@@ -79,9 +82,13 @@ def moe_layer_spec(
             **spec.submodules.sharded_state_dict_keys_map, "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
         }
     else:
-        spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm, normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe_grouped_gemm,
+                                        qk_layernorm=qk_layernorm, normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        if qk_layernorm:
+            spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+            spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     moe_submodules(spec).router = router_builder(moe, **training_options)
     return spec
 
@@ -94,7 +101,7 @@ def decoder_block_spec(
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = RMSNorm
-    layer = moe_layer_spec(moe, use_transformer_engine, config.moe_grouped_gemm, **training_options)
+    layer = moe_layer_spec(moe, use_transformer_engine, config.moe_grouped_gemm, config.qk_layernorm, **training_options)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm)
 
 
@@ -160,7 +167,7 @@ def build_gpt_model(
     parallel_output: bool = True,
     **training_options,
 ) -> GPTModel:
-    """GPTModel of the architecture (RoPE, RMSNorm, SwiGLU) with our MoE router (`training_options`: training-only
+    """GPTModel of the architecture (RoPE, RMSNorm, SwiGLU, optional QK-norm) with our MoE router (`training_options`: training-only
     router settings, e.g. LocMoE's locality_coeff)."""
     return GPTModel(
         config=config,
@@ -173,6 +180,9 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=arch.rope_theta,
+        # Llama 3's frequency scaling, as megatron-core computes it (the family refuses other forms of it)
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         parallel_output=parallel_output,
     )
 

@@ -9,6 +9,7 @@ from router_upcycling.settings.families import FAMILIES, Family, family_named
 from router_upcycling.settings.moe import MoESettings
 
 MOR_FORMAT = "mor"  # our modeling code beside the weights (trust_remote_code), every router, every family
+STOCK_FORMAT = "stock"  # the model family's own stock MoE (plain transformers), routers with a linear-gate form
 
 
 class ExportError(UserError):
@@ -16,8 +17,8 @@ class ExportError(UserError):
 
 
 def export_formats() -> List[str]:
-    """`mor`, then each family's stock MoE format (qwen2_moe)."""
-    return [MOR_FORMAT, *(family.stock.format for family in FAMILIES)]
+    """`mor`, `stock`, then each family's stock MoE by name (qwen2_moe, qwen3_moe, mixtral)."""
+    return [MOR_FORMAT, STOCK_FORMAT, *(family.stock.format for family in FAMILIES)]
 
 
 def stock_gate_refusal(moe: MoESettings, family: Family) -> Optional[str]:
@@ -38,7 +39,7 @@ def check_format(fmt: str, arch: Architecture, moe: MoESettings) -> None:
     if fmt == MOR_FORMAT:
         return
     family = family_named(arch.family)
-    if fmt != family.stock.format:
+    if fmt not in (STOCK_FORMAT, family.stock.format):
         raise ExportError(f"format {fmt!r} is another family's stock MoE; this {family.display} model exports to "
                           f"{family.stock.format!r} ({family.stock.architecture}) or {MOR_FORMAT!r}")
     refusal = stock_gate_refusal(moe, family)

@@ -63,9 +63,11 @@ class Family:
     dense_rules: Tuple[WeightRule, ...]
     expert_rules: Tuple[WeightRule, ...]
     stock: StockMoE
+    mor_prefix: str  # the family's classes in the `mor` format's code: {prefix}MoRConfig, {prefix}MoRForCausalLM
     refusals: Callable[[dict], Optional[str]]  # why a config of this family is not supported, or None
     qkv_bias: Callable[[dict], bool]
     qk_norm: bool
+    default_head_dim: Optional[int] = None  # head_dim when config.json leaves it out (None: hidden size / heads)
 
     def matches(self, config: dict) -> bool:
         """The config's model_type is this family's, and so is its class when it names one (configs built in code
@@ -91,7 +93,7 @@ class Family:
                 hidden_size=hidden,
                 num_heads=heads,
                 num_kv_heads=kv_heads,
-                head_dim=_positive(config, "head_dim") if config.get("head_dim") else hidden // heads,
+                head_dim=_positive(config, "head_dim") if config.get("head_dim") else (self.default_head_dim or hidden // heads),
                 ffn_hidden_size=_positive(config, "intermediate_size"),
                 vocab_size=_positive(config, "vocab_size"),
                 max_position_embeddings=int(config.get("max_position_embeddings") or 4096),
@@ -100,6 +102,7 @@ class Family:
                 qk_norm=self.qk_norm,
                 norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta(config),
+                rope_scaling_factor=llama3_rope_factor(config),
             )
         except (TypeError, ValueError) as err:
             raise ArchitectureError(f"config.json: {err}") from None
@@ -145,9 +148,34 @@ def rope_theta(config: dict) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+def rope_parameters(config: dict) -> dict:
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
 def rope_type(config: dict) -> str:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    params = rope_parameters(config)
     return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+# megatron-core computes Llama 3's frequency scaling with these fixed (GPTModel(rope_scaling=True, rope_scaling_factor=F))
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_rope_factor(config: dict) -> Optional[float]:
+    return float(rope_parameters(config)["factor"]) if rope_type(config) == "llama3" else None
+
+
+def _common_refusals(config: dict, rope_types=("default",)) -> Optional[str]:
+    """What no family here converts: another activation, sliding-window layers, RoPE scalings megatron-core lacks."""
+    if config.get("hidden_act", "silu") != "silu":
+        return f"activation {config['hidden_act']!r} is not supported; the FFN must be SwiGLU (hidden_act: silu)"
+    if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or []):
+        return "sliding-window attention (use_sliding_window: true) is not supported"
+    kind = rope_type(config)
+    if kind not in rope_types:
+        supported = " or ".join(repr(t) for t in rope_types)
+        return f"RoPE scaling {kind!r} is not supported; only {supported} rotary embeddings"
+    return None
 
 
 # ---------------------------------------------------------------- Qwen2 (Qwen1.5, Qwen2, Qwen2.5)
@@ -164,6 +192,10 @@ def _has_qkv_bias(arch: Architecture) -> bool:
     return arch.qkv_bias
 
 
+def _has_qk_norm(arch: Architecture) -> bool:
+    return arch.qk_norm
+
+
 LLAMA_STYLE_DENSE_RULES = (
     WeightRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
     WeightRule(_MCORE_LAYER + "input_layernorm.weight", (_LAYER + "input_layernorm.weight",)),
@@ -171,6 +203,9 @@ LLAMA_STYLE_DENSE_RULES = (
                tuple(f"{_LAYER}self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
     WeightRule(_MCORE_LAYER + "self_attention.linear_qkv.bias",
                tuple(f"{_LAYER}self_attn.{p}_proj.bias" for p in "qkv"), "qkv", _has_qkv_bias),
+    # QK-norm (Qwen3): one RMSNorm weight [head_dim] for every head's query, one for every key
+    WeightRule(_MCORE_LAYER + "self_attention.q_layernorm.weight", (_LAYER + "self_attn.q_norm.weight",), applies=_has_qk_norm),
+    WeightRule(_MCORE_LAYER + "self_attention.k_layernorm.weight", (_LAYER + "self_attn.k_norm.weight",), applies=_has_qk_norm),
     WeightRule(_MCORE_LAYER + "self_attention.linear_proj.weight", (_LAYER + "self_attn.o_proj.weight",)),
     WeightRule(_MCORE_LAYER + "pre_mlp_layernorm.weight", (_LAYER + "post_attention_layernorm.weight",)),
     WeightRule("decoder.final_layernorm.weight", ("model.norm.weight",)),
@@ -184,12 +219,7 @@ SWIGLU_EXPERT_RULES = (
 
 
 def _qwen2_refusals(config: dict) -> Optional[str]:
-    if config.get("use_sliding_window"):
-        return "sliding-window attention (use_sliding_window: true) is not supported"
-    kind = rope_type(config)
-    if kind != "default":
-        return f"RoPE scaling {kind!r} is not supported; only the default rotary embedding"
-    return None
+    return _common_refusals(config)
 
 
 def _qwen2_moe_fields(arch: Architecture, num_experts: int, topk: int) -> dict:
@@ -202,6 +232,7 @@ def _qwen2_moe_fields(arch: Architecture, num_experts: int, topk: int) -> dict:
 QWEN2 = Family(
     name="qwen2",
     display="Qwen2",
+    mor_prefix="Qwen2",
     checkpoints="Qwen1.5, Qwen2 and Qwen2.5 dense checkpoints",
     hf_architectures=("Qwen2ForCausalLM",),
     model_types=("qwen2",),
@@ -220,7 +251,96 @@ QWEN2 = Family(
     qk_norm=False,
 )
 
-FAMILIES: Tuple[Family, ...] = (QWEN2,)
+# ---------------------------------------------------------------- Qwen3 (dense)
+
+
+def _qwen3_refusals(config: dict) -> Optional[str]:
+    if config.get("attention_bias"):
+        return "attention biases (attention_bias: true) are not supported"
+    return _common_refusals(config)
+
+
+def _moe_fields(arch: Architecture, num_experts: int, topk: int) -> dict:
+    # every layer sparse; top-k weights renormalised as megatron-core's softmax over the chosen k (norm_topk_prob:
+    # without it Qwen3-MoE weighs the chosen experts by their share of a softmax over all N, not the upcycled model)
+    return {"num_experts": num_experts, "num_experts_per_tok": topk, "moe_intermediate_size": arch.ffn_hidden_size,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "head_dim": arch.head_dim}
+
+
+QWEN3 = Family(
+    name="qwen3",
+    display="Qwen3",
+    mor_prefix="Qwen3",
+    checkpoints="Qwen3 dense checkpoints (QK-norm)",
+    hf_architectures=("Qwen3ForCausalLM",),
+    model_types=("qwen3",),
+    dense_rules=LLAMA_STYLE_DENSE_RULES,
+    expert_rules=SWIGLU_EXPERT_RULES,
+    stock=StockMoE(
+        format="qwen3_moe", display="Qwen3-MoE", architecture="Qwen3MoeForCausalLM", config_class="Qwen3MoeConfig",
+        block="mlp.", gate="gate.weight", expert_gate="experts.{expert}.gate_proj.weight",
+        expert_up="experts.{expert}.up_proj.weight", expert_down="experts.{expert}.down_proj.weight",
+        config_fields=_moe_fields,
+    ),
+    refusals=_qwen3_refusals,
+    qkv_bias=lambda config: False,
+    qk_norm=True,
+    default_head_dim=128,  # Qwen3Config's default: not hidden size / heads (Qwen3-0.6B: 16 heads of 128, hidden 1024)
+)
+
+
+# ---------------------------------------------------------------- Llama (Llama 3.x)
+
+
+def _llama_refusals(config: dict) -> Optional[str]:
+    if config.get("attention_bias"):
+        return "attention biases (attention_bias: true) are not supported"
+    if config.get("mlp_bias"):
+        return "FFN biases (mlp_bias: true) are not supported"
+    if (config.get("pretraining_tp") or 1) != 1:
+        return f"pretraining_tp {config['pretraining_tp']} is not supported; only 1 (the weights as stored)"
+    refusal = _common_refusals(config, rope_types=("default", "llama3"))
+    if refusal:
+        return refusal
+    if rope_type(config) == "llama3":
+        params = rope_parameters(config)
+        if "factor" not in params:
+            return "llama3 RoPE scaling without a factor"
+        differing = [f"{key} {params.get(key)}" for key, value in LLAMA3_FIXED.items() if float(params.get(key, -1)) != value]
+        if differing:
+            fixed = ", ".join(f"{key} {value:g}" for key, value in LLAMA3_FIXED.items())
+            return (f"llama3 RoPE scaling with {', '.join(differing)} is not supported: megatron-core computes it with "
+                    f"{fixed}")
+    return None
+
+
+def _mixtral_fields(arch: Architecture, num_experts: int, topk: int) -> dict:
+    # Mixtral softmaxes all N logits, keeps the top k and renormalises them: the softmax over the chosen k
+    return {"num_local_experts": num_experts, "num_experts_per_tok": topk, "intermediate_size": arch.ffn_hidden_size,
+            "head_dim": arch.head_dim, "sliding_window": None, "router_jitter_noise": 0.0}
+
+
+LLAMA = Family(
+    name="llama",
+    display="Llama",
+    mor_prefix="Llama",
+    checkpoints="Llama 3.x dense checkpoints, llama3 RoPE scaling included",
+    hf_architectures=("LlamaForCausalLM",),
+    model_types=("llama",),
+    dense_rules=LLAMA_STYLE_DENSE_RULES,
+    expert_rules=SWIGLU_EXPERT_RULES,
+    stock=StockMoE(
+        format="mixtral", display="Mixtral", architecture="MixtralForCausalLM", config_class="MixtralConfig",
+        block="block_sparse_moe.", gate="gate.weight", expert_gate="experts.{expert}.w1.weight",
+        expert_up="experts.{expert}.w3.weight", expert_down="experts.{expert}.w2.weight",
+        config_fields=_mixtral_fields,
+    ),
+    refusals=_llama_refusals,
+    qkv_bias=lambda config: False,
+    qk_norm=False,
+)
+
+FAMILIES: Tuple[Family, ...] = (QWEN2, QWEN3, LLAMA)
 FAMILIES_BY_NAME: Dict[str, Family] = {family.name: family for family in FAMILIES}
 STOCK_FORMATS: Dict[str, Family] = {family.stock.format: family for family in FAMILIES}
 

@@ -13,6 +13,7 @@ existing class and gate (say, the linear gate with another initialisation) is on
 """
 import dataclasses
 import importlib
+import math
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from router_upcycling.errors import SettingError
@@ -112,10 +113,16 @@ def routers_help() -> str:
 # ---------------------------------------------------------------- the rules (router, expert and head counts)
 
 
+def head_parts(num_heads: int, num_routers: int) -> int:
+    """P = lcm(H, R): the query parts grouped into routers (method.md part 2). Each head is cut into P / H contiguous
+    parts of its rows, so that the P parts fall into R equal groups: P = H when R divides H (whole heads, the paper's
+    rule), P = R when H divides R (the paper's R > H variant), and otherwise (14 heads, R = 8: 56 parts of a quarter
+    head, 7 per router) the same cut."""
+    return num_heads * num_routers // math.gcd(num_heads, num_routers)
+
+
 def _fits_heads(num_heads: int, head_dim: int, num_routers: int) -> bool:
-    if num_routers <= num_heads:
-        return num_heads % num_routers == 0
-    return num_routers % num_heads == 0 and (head_dim * num_heads) % num_routers == 0
+    return head_dim % (head_parts(num_heads, num_routers) // num_heads) == 0
 
 
 def _fits_experts(num_routers: int, num_experts: int) -> bool:
@@ -131,7 +138,7 @@ def valid_router_counts(num_heads: int, head_dim: int, num_experts: int, limit: 
 def check_router_count(num_heads: int, head_dim: int, num_routers: int, num_experts: int) -> None:
     """SettingError (field num_routers) unless R routers can be grown from H heads of d_h for N experts.
 
-    Heads: R divides H (groups of H/R heads), or R is a multiple of H that splits d_h evenly.
+    Heads: each head cuts into lcm(H, R) / H equal parts of its d_h rows (head_parts).
     Experts: R == N, or one of R, N divides the other.
     """
     for name, value in (("heads", num_heads), ("head dim", head_dim), ("routers", num_routers), ("experts", num_experts)):
@@ -143,8 +150,8 @@ def check_router_count(num_heads: int, head_dim: int, num_routers: int, num_expe
     raise SettingError(
         "num_routers",
         f"{num_routers} does not fit {num_heads} attention heads (head dim {head_dim}) with {num_experts} experts: "
-        "routers must divide the heads (or be a multiple of them that splits the head dim evenly) and divide or be a "
-        f"multiple of the experts; router counts that work: {working}",
+        "each head is cut into lcm(heads, routers) / heads equal parts, which must divide the head dim, and the "
+        f"routers must divide or be a multiple of the experts; router counts that work: {working}",
     )
 
 

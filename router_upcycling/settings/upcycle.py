@@ -10,6 +10,8 @@ from router_upcycling.settings.architecture import Architecture, read_dense_mode
 from router_upcycling.settings.moe import MoESettings
 
 PAPER_CALIBRATION_TOKENS = 41943040  # 10 iterations x batch 1024 x sequence 4096
+# QK-norm models (Qwen3): where the routers' queries and the average keys are taken (docs/method.md part 2)
+QK_NORM_SIDES = ("before", "after")
 
 
 @dataclasses.dataclass
@@ -21,11 +23,14 @@ class CalibrationSettings:
     tokens: int = PAPER_CALIBRATION_TOKENS
     seq_length: int = 4096
     batch_size: Optional[int] = None
+    qk_norm: str = "before"  # QK-norm models: queries W_q and keys before the per-head norm, or after it
 
     def __post_init__(self):
         for field, value in (("tokens", self.tokens), ("seq_length", self.seq_length), ("batch_size", self.batch_size)):
             if value is not None and value < 1:
                 raise SettingError(f"calib_{field}", f"must be at least 1, got {value}")
+        if self.qk_norm not in QK_NORM_SIDES:
+            raise SettingError("router_qk_norm", f"must be one of {', '.join(QK_NORM_SIDES)}, got {self.qk_norm!r}")
 
 
 def check_upcycle(hf_model: str, output: str, moe: MoESettings, calib: CalibrationSettings,
@@ -43,6 +48,9 @@ def check_upcycle(hf_model: str, output: str, moe: MoESettings, calib: Calibrati
         missing = [path for path in calib.files if not os.path.exists(path)]
         if missing:
             raise SettingError("calib_files", f"{missing[0]}: no such file or folder")
+    if calib.qk_norm != QK_NORM_SIDES[0] and not (spec.needs_calibration and arch.qk_norm):
+        raise SettingError("router_qk_norm", f"{calib.qk_norm} applies to routers initialised from the attention of "
+                                             "QK-norm models (Qwen3)")
     refuse_existing(output, force)
     parent = os.path.dirname(os.path.abspath(output))
     if os.path.exists(parent) and not os.path.isdir(parent):

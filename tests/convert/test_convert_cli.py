@@ -74,13 +74,13 @@ def test_missing_model_folder(workspace):
 
 def test_unsupported_architecture(workspace):
     root, dense, _ = workspace
-    llama = root / "llama"
-    shutil.copytree(dense, llama)
-    config = json.loads((llama / "config.json").read_text())
-    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
-    (llama / "config.json").write_text(json.dumps(config))
-    assert_user_error(convert("upcycle", "--hf-model", llama, "--output", root / "out", "--router", "linear"),
-                      "LlamaForCausalLM", "Qwen2ForCausalLM")
+    other = root / "gpt2"
+    shutil.copytree(dense, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (other / "config.json").write_text(json.dumps(config))
+    assert_user_error(convert("upcycle", "--hf-model", other, "--output", root / "out", "--router", "linear"),
+                      "GPT2LMHeadModel", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
     assert leftovers(root) == []
 
 

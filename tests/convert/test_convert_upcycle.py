@@ -97,3 +97,27 @@ def test_sharded_safetensors_input(tmp_path, dense_models):
     checkpoint = upcycle(sharded, str(tmp_path / "moe"), MoESettings(router="linear", num_experts=4), CalibrationSettings(),
                          dtype="fp32", progress=False)
     assert verify(sharded, checkpoint).max_abs_diff <= 1e-4
+
+
+def test_experts_that_start_with_identical_keys_are_named_and_counted(tmp_path, dense_models, calib_file, caplog):
+    """R < N duplicates every key: expert i and i + R hold the same key in every layer (docs/method.md part 2)."""
+    calib = CalibrationSettings(files=[calib_file], tokens=200, seq_length=16)
+    with caplog.at_level("WARNING", logger="router_upcycling.upcycle"):
+        checkpoint = upcycle(dense_models["mha_tied"], str(tmp_path / "moe"), MoESettings(num_experts=8, num_routers=4),
+                             calib, dtype="fp32", progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "identical keys" in r.getMessage()]
+    assert warnings[0].startswith("layer 0: experts 0, 4; 1, 5; 2, 6; 3, 7 hold identical keys") and len(warnings) == 2
+    metadata = json.loads(open(os.path.join(checkpoint, "router_upcycling.json")).read())
+    assert metadata["tied_experts"] == [8, 8]
+    untied = upcycle(dense_models["mha_tied"], str(tmp_path / "untied"), MoESettings(num_experts=8, num_routers=8), calib,
+                     dtype="fp32", progress=False)
+    assert json.loads(open(os.path.join(untied, "router_upcycling.json")).read())["tied_experts"] == [0, 0]
+
+
+def test_qk_norm_sides_apply_to_qk_norm_models_only(tmp_path, dense_models, calib_file):
+    from router_upcycling.errors import SettingError
+
+    calib = CalibrationSettings(files=[calib_file], tokens=200, seq_length=16, qk_norm="after")
+    with pytest.raises(SettingError, match="applies to routers initialised from the attention of QK-norm models"):
+        upcycle(dense_models["mha_tied"], str(tmp_path / "moe"), MoESettings(num_experts=4), calib, progress=False)
+    assert not (tmp_path / "moe").exists()

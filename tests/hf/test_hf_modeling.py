@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hf_test_support import logits_in_fresh_interpreter
 
 from router_upcycling.hf import Qwen2MoRConfig, Qwen2MoRForCausalLM
-from router_upcycling.hf.modeling_mor import Qwen2MoRSparseMoeBlock
+from router_upcycling.hf.modeling_mor import MoRSparseMoeBlock, Qwen2MoeExperts
 
 HIDDEN, EXPERTS, INTERMEDIATE = 32, 4, 24
 
@@ -30,16 +30,16 @@ def tiny_config(router_type: str = "mor", num_experts: int = EXPERTS, num_router
     return Qwen2MoRConfig(**{**fields, **overrides})
 
 
-def random_block(config: Qwen2MoRConfig, seed: int = 0) -> Qwen2MoRSparseMoeBlock:
+def random_block(config: Qwen2MoRConfig, seed: int = 0) -> MoRSparseMoeBlock:
     torch.manual_seed(seed)
-    block = Qwen2MoRSparseMoeBlock(config)
+    block = MoRSparseMoeBlock(config, Qwen2MoeExperts)
     with torch.no_grad():
         for param in block.parameters():
             param.normal_(0.0, 0.3)
     return block
 
 
-def reference_logits(block: Qwen2MoRSparseMoeBlock, config: Qwen2MoRConfig, x: torch.Tensor) -> torch.Tensor:
+def reference_logits(block: MoRSparseMoeBlock, config: Qwen2MoRConfig, x: torch.Tensor) -> torch.Tensor:
     """Router logits z [N] of one token x [d], written out from method.md section 3 / the baselines."""
     gate = block.gate
     if config.router_type in ("linear", "switch"):
@@ -60,7 +60,7 @@ def reference_logits(block: Qwen2MoRSparseMoeBlock, config: Qwen2MoRConfig, x: t
     ) * config.router_scale
 
 
-def reference_moe_layer(block: Qwen2MoRSparseMoeBlock, config: Qwen2MoRConfig, hidden: torch.Tensor) -> torch.Tensor:
+def reference_moe_layer(block: MoRSparseMoeBlock, config: Qwen2MoRConfig, hidden: torch.Tensor) -> torch.Tensor:
     """Sum over the top-k experts of softmax(top-k logits) * SwiGLU expert(x), token by token: [T, d] -> [T, d]."""
     out = torch.zeros_like(hidden)
     top_k = config.num_experts_per_tok

@@ -96,3 +96,47 @@ def test_calibration_without_tokens_is_an_error(dense_model):
     model, tokenizer = dense_model
     with pytest.raises(TextDataError):
         average_attention_keys(model, tokenizer, [], 16, 8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory, tokenizer):
+    from transformers import Qwen3ForCausalLM
+
+    from router_upcycling.testing import Geometry, make_dense_model
+
+    folder = make_dense_model(str(tmp_path_factory.mktemp("qwen3")), Geometry("qwen3", 64, 8, 2, 16, tied=True),
+                              tokenizer=tokenizer, seed=4)
+    return Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
+
+
+def test_qk_norm_keys_after_the_norm_are_the_mean_of_k_norm_outputs(qwen3_model):
+    """after_key_norm: mean over tokens of k_norm(k_proj(x)) per KV head, written out; not the norm of the mean."""
+    model, tokenizer = qwen3_model
+    documents = SAMPLE_TEXT * 10
+    chunks = list(token_chunks(documents, tokenizer, CALIBRATION_TOKENS, SEQ_LENGTH))
+    after = average_attention_keys(model, tokenizer, documents, CALIBRATION_TOKENS, SEQ_LENGTH, progress=False,
+                                   after_key_norm=True).keys
+    before = average_attention_keys(model, tokenizer, documents, CALIBRATION_TOKENS, SEQ_LENGTH, progress=False).keys
+    layers = model.model.layers
+    sums, num_tokens = [0.0] * len(layers), 0
+    with torch.no_grad():
+        for chunk in chunks:
+            hidden_states = model(torch.tensor([chunk]), output_hidden_states=True).hidden_states
+            for index, layer in enumerate(layers):
+                keys = layer.self_attn.k_proj(layer.input_layernorm(hidden_states[index])).view(1, len(chunk), 2, 16)
+                sums[index] = sums[index] + layer.self_attn.k_norm(keys).double().sum(dim=(0, 1))
+            num_tokens += len(chunk)
+    torch.testing.assert_close(after, (torch.stack(sums) / num_tokens).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(before, reference_average_keys(model, chunks), rtol=1e-5, atol=1e-6)
+    normed_mean = layers[0].self_attn.k_norm(before[0])  # the norm of the mean key differs from the mean normed key
+    assert (normed_mean - after[0]).abs().max() > 1e-3
+
+
+def test_folding_the_query_norm_scales_every_head_by_its_weight(qwen3_model):
+    model, _ = qwen3_model
+    keys = torch.randn(model.config.num_hidden_layers, 2, 16)
+    raw = init_routers_from_attention(model, keys, num_routers=8, num_experts=8)
+    folded = init_routers_from_attention(model, keys, num_routers=8, num_experts=8, fold_query_norm=True)
+    gain = model.model.layers[0].self_attn.q_norm.weight.detach()  # [d_h]: one router per head here
+    torch.testing.assert_close(folded[0][0], raw[0][0] * gain[None, :, None], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(folded[0][1], raw[0][1])  # the keys are the keys given

@@ -1,5 +1,6 @@
 """Head grouping, router counts and router weights from attention (method.md part 2)."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -143,11 +144,51 @@ def test_gqa_heads_share_their_group_key():
 
 
 def test_router_count_that_does_not_fit_names_the_counts_that_do():
-    assert valid_router_counts(14, 64, 8) == [1, 2, 56]
-    with pytest.raises(SettingError, match=r"num_routers 8 .*14 attention heads.*8 experts.*: 1, 2, 56$"):
-        check_router_count(num_heads=14, head_dim=64, num_routers=8, num_experts=8)
-    with pytest.raises(SettingError, match="1, 2, 56"):
-        router_weights_from_attention(torch.randn(14 * 64, 32), torch.randn(14, 64), 14, 8, 8)
+    assert valid_router_counts(14, 64, 8) == [1, 2, 4, 8, 16, 32, 56]  # Qwen2.5-0.5B: 14 heads of 64
+    assert valid_router_counts(12, 128, 8) == [1, 2, 4, 8, 16, 24, 32, 48]  # Qwen2.5-1.5B
+    with pytest.raises(SettingError, match=r"num_routers 5 .*14 attention heads.*8 experts.*: 1, 2, 4, 8, 16, 32, 56$"):
+        check_router_count(num_heads=14, head_dim=64, num_routers=5, num_experts=8)
+    with pytest.raises(SettingError, match="router counts that work: 1, 2"):
+        router_weights_from_attention(torch.randn(14 * 2, 32), torch.randn(14, 2), 14, 8, 8)  # 4 parts of a 2-row head
+
+
+def reference_router_weights(q_weight, head_keys, num_heads, num_routers, num_experts):
+    """method.md part 2 written out: cut each head into lcm(H, R) / H row parts (with its average key's matching
+    slice), group the parts with the loop-written greedy grouping, stack each group's parts in order."""
+    head_dim = q_weight.shape[0] // num_heads
+    parts_per_head = math.lcm(num_heads, num_routers) // num_heads
+    rows = head_dim // parts_per_head
+    blocks, keys = [], []
+    for head in range(num_heads):
+        for part in range(parts_per_head):
+            start = head * head_dim + part * rows
+            blocks.append(q_weight[start:start + rows])
+            keys.append(head_keys[head, part * rows:(part + 1) * rows])
+    group_size = len(blocks) // num_routers
+    groups = reference_greedy_grouping(torch.stack(blocks), group_size) if group_size > 1 else [[p] for p in range(len(blocks))]
+    query_weight = torch.stack([torch.cat([blocks[p] for p in group]) for group in groups])
+    router_keys = torch.stack([torch.cat([keys[p] for p in group]) for group in groups])
+    return query_weight, router_keys[[j % num_routers for j in range(max(num_routers, num_experts))]], groups
+
+
+@pytest.mark.parametrize("num_heads,head_dim,num_routers,num_experts", [
+    (14, 8, 8, 8),   # Qwen2.5-0.5B's 14 heads at R = 8: 56 quarter-heads, 7 per router
+    (12, 4, 8, 8),   # Qwen2.5-1.5B's 12 heads: 24 half-heads, 3 per router
+    (28, 4, 8, 8),   # Qwen2.5-7B's 28 heads: 56 half-heads, 7 per router
+    (6, 8, 4, 8),    # R < N with cut heads
+    (8, 8, 4, 4),    # R divides H: whole heads, the paper's rule
+    (4, 8, 8, 8),    # H divides R: the paper's R > H rule
+])
+def test_cut_heads_match_the_written_out_rule(num_heads, head_dim, num_routers, num_experts):
+    generator = torch.Generator().manual_seed(num_heads * 100 + num_routers)
+    q_weight = torch.randn(num_heads * head_dim, 16, generator=generator, dtype=torch.float64)
+    head_keys = torch.randn(num_heads, head_dim, generator=generator, dtype=torch.float64)
+    query_weight, keys, groups = router_weights_from_attention(q_weight, head_keys, num_heads, num_routers, num_experts)
+    expected_query, expected_keys, expected_groups = reference_router_weights(q_weight, head_keys, num_heads, num_routers, num_experts)
+    assert groups == expected_groups
+    assert query_weight.shape == (num_routers, num_heads * head_dim // num_routers, 16)
+    torch.testing.assert_close(query_weight, expected_query, rtol=0, atol=0)
+    torch.testing.assert_close(keys, expected_keys, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("num_routers", [2, 4, 8, 16, 32])

@@ -72,3 +72,62 @@ def test_metadata_round_trip_gives_the_same_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     _, from_folder = read_dense_model(str(tmp_path))
     assert Architecture.from_hf_config(json.loads(json.dumps(config))) == from_folder
+
+
+def qwen3(**changes) -> dict:
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 2, "intermediate_size": 3072,
+            "vocab_size": 151936, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "attention_bias": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, **changes}
+
+
+def llama(**changes) -> dict:
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 64, "num_hidden_layers": 2, "intermediate_size": 8192,
+            "vocab_size": 128256, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "attention_bias": False,
+            "mlp_bias": False, "pretraining_tp": 1, "rope_parameters": rope, **changes}
+
+
+def test_qwen3_has_qk_norm_no_bias_and_its_own_head_dim():
+    arch = Architecture.from_hf_config(qwen3())
+    assert (arch.family, arch.qk_norm, arch.qkv_bias, arch.head_dim, arch.query_width) == ("qwen3", True, False, 128, 2048)
+    without = qwen3()
+    del without["head_dim"]
+    assert Architecture.from_hf_config(without).head_dim == 128  # Qwen3Config's default, not hidden / heads = 64
+
+
+def test_llama3_rope_scaling_is_read_as_megatron_core_computes_it():
+    arch = Architecture.from_hf_config(llama())
+    assert (arch.family, arch.rope_scaling_factor, arch.rope_theta, arch.qkv_bias) == ("llama", 32.0, 500000.0, False)
+    assert Architecture.from_hf_config(llama(rope_parameters={"rope_type": "default", "rope_theta": 5e5})).rope_scaling_factor is None
+
+
+@pytest.mark.parametrize("config, message", [
+    (qwen3(use_sliding_window=True), "sliding-window attention"),
+    (qwen3(layer_types=["full_attention", "sliding_attention"]), "sliding-window attention"),
+    (qwen3(attention_bias=True), "attention biases"),
+    (qwen3(hidden_act="gelu"), "activation 'gelu' is not supported"),
+    (qwen3(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "RoPE scaling 'yarn'"),
+    (llama(mlp_bias=True), r"FFN biases \(mlp_bias: true\)"),
+    (llama(attention_bias=True), "attention biases"),
+    (llama(pretraining_tp=2), "pretraining_tp 2 is not supported"),
+    (llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e5}), "RoPE scaling 'dynamic'"),
+    (llama(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192, "rope_theta": 5e5}),
+     "low_freq_factor 2.0 is not supported: megatron-core computes it with low_freq_factor 1"),
+])
+def test_what_a_family_cannot_convert_is_one_line(config, message):
+    with pytest.raises(ArchitectureError, match=message):
+        Architecture.from_hf_config(config)
+
+
+def test_each_family_names_its_stock_moe_and_weight_table():
+    for config, stock, qk_norm_tensor in ((qwen2(), "Qwen2MoeForCausalLM", False), (qwen3(), "Qwen3MoeForCausalLM", True),
+                                          (llama(), "MixtralForCausalLM", False)):
+        family, arch = family_of(config), Architecture.from_hf_config(config)
+        names = family.dense_tensor_names(arch)
+        assert family.stock.architecture == stock
+        assert ("model.layers.0.self_attn.q_norm.weight" in names) == qk_norm_tensor
+        assert ("model.layers.0.self_attn.q_proj.bias" in names) == arch.qkv_bias

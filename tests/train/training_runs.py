@@ -6,6 +6,7 @@ Tiny model: d=64, 2 layers, 8 heads, 4 experts top-2 (MoR, 4 routers), seq 32, g
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -45,8 +46,13 @@ def launch(flags, nproc: int = 1, **popen):
 
 
 def run(flags, nproc: int = 1, expect_ok: bool = True) -> str:
-    process = launch(flags, nproc)
-    output, _ = process.communicate(timeout=300)
+    process = launch(flags, nproc, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # a hung run (torchrun and its ranks) must not outlive its test
+        process.communicate()
+        raise
     if expect_ok:
         assert process.returncode == 0, output[-3000:]
     else:
