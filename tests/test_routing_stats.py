@@ -67,12 +67,23 @@ def test_known_routings_read_their_textbook_values():
     rows = torch.cat([summed(balanced, balanced_map, 3), summed(collapsed, collapsed_map, 3), torch.zeros(1, sums_width(4))])
     even, collapsed_health, empty = routing_health(rows)
     assert even == pytest.approx({"max_share": 0.25, "dead_experts": 0, "top1_weight": 0.5, "logit_std": 0.0,
-                                  "entropy": math.log(4)})
+                                  "entropy": math.log(4), "tied_choice": 1.0})  # equal logits: every choice is a tie
+    assert collapsed_health["tied_choice"] == 0.0
     assert collapsed_health["max_share"] == 0.5 and collapsed_health["dead_experts"] == 2
     assert collapsed_health["top1_weight"] == pytest.approx(1.0) and collapsed_health["entropy"] == pytest.approx(0.0, abs=1e-15)
     assert collapsed_health["logit_std"] == pytest.approx(40 * math.sqrt(3) / 4)
     assert empty == {key: 0 for key in HEALTH_KEYS}
     torch.testing.assert_close(expert_shares(rows)[:2], torch.tensor([[0.25] * 4, [0.5, 0.5, 0.0, 0.0]], dtype=torch.float64))
+
+
+def test_tied_choices_count_tokens_whose_chosen_experts_have_equal_logits():
+    """Experts 0 and 1 hold the same logits (identical keys), experts 2 and 3 differ; k = 2 and k = 3."""
+    logits = torch.tensor([[2.0, 2.0, 1.0, -1.0],   # chooses 0, 1: tied
+                           [1.0, 1.0, 3.0, 0.0],    # chooses 2 and one of 0, 1: no tie among the chosen two
+                           [0.5, 0.5, 0.0, 4.0]])   # chooses 3 and 0 (or 1)
+    [two] = routing_health(routing_sums(logits, top_k_map(logits, 2))[None])
+    [three] = routing_health(routing_sums(logits, top_k_map(logits, 3))[None])
+    assert two["tied_choice"] == pytest.approx(1 / 3) and three["tied_choice"] == pytest.approx(1.0)
 
 
 def test_sums_take_any_logit_layout_and_dtype():

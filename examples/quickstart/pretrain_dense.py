@@ -12,13 +12,13 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from tqdm import tqdm
 
 from router_upcycling.outputs import staged_output
-from router_upcycling.testing import tiny_qwen2_config, train_tokenizer
+from router_upcycling.testing import dense_config, train_tokenizer
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class DenseSettings:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 8
+    num_kv_heads: Optional[int] = None  # grouped-query attention when fewer than num_heads (None: as many)
+    family: str = "qwen2"  # qwen2 (q/k/v biases) or qwen3 (QK-norm, no biases)
+    head_dim: Optional[int] = None  # None: hidden_size / num_heads
     intermediate_size: int = 448  # 3.5 x hidden, about Qwen's ratio
     seq_length: int = 128
     batch_size: int = 16
@@ -66,14 +69,18 @@ def learning_rate(step: int, settings: DenseSettings) -> float:
 
 
 def build_model(settings: DenseSettings, vocab_size: int, seed: int):
-    """A Qwen2ForCausalLM with the library's usual initialisation (normal, std 0.02)."""
-    from transformers import Qwen2ForCausalLM
+    """A dense model of the settings' family (Qwen2ForCausalLM by default) with the library's usual initialisation
+    (normal, std 0.02)."""
+    import transformers
 
-    config = tiny_qwen2_config(vocab_size=vocab_size, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
-                               num_heads=settings.num_heads, intermediate_size=settings.intermediate_size,
-                               tied=True, max_position_embeddings=max(256, settings.seq_length))
+    from router_upcycling.settings.families import family_named
+
+    config = dense_config(settings.family, vocab_size=vocab_size, hidden_size=settings.hidden_size,
+                          num_layers=settings.num_layers, num_heads=settings.num_heads, num_kv_heads=settings.num_kv_heads,
+                          head_dim=settings.head_dim, intermediate_size=settings.intermediate_size, tied=True,
+                          max_position_embeddings=max(256, settings.seq_length))
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    return getattr(transformers, family_named(settings.family).hf_architectures[0])(config)
 
 
 def train(model, stream: torch.Tensor, settings: DenseSettings, seed: int) -> List[dict]:

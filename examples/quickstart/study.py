@@ -1,6 +1,13 @@
-"""Why Router Upcycling trails vanilla upcycling in the quickstart: routing health and an ablation study.
+"""Why Router Upcycling trails vanilla upcycling in the quickstart: routing health and an ablation study; and how
+to initialise it on grouped-query attention and QK-norm models.
 
     python -m examples.quickstart.study --output runs/study --seeds 1 2 3
+    python -m examples.quickstart.study --backbone gqa --output runs/study-gqa       # 8 heads, 2 KV heads
+    python -m examples.quickstart.study --backbone qwen3 --output runs/study-qwen3   # Qwen3: QK-norm, 2 KV heads
+
+The backbone is the dense model (the quickstart's shape: d 128, 4 layers, 8 heads of 16): `mha` (the quickstart's
+own, multi-head attention), `gqa` (the same with 2 key/value heads) or `qwen3` (Qwen3's architecture: per-head
+QK-norm, no biases, 2 key/value heads). Each has its own runs (below) and its own block in docs/results.md.
 
 Builds the quickstart's corpus, dense model and data (examples/quickstart/run.py, same settings), then
 trains every run below for every seed with the demo's continued-training recipe (300 steps, 2 ranks) and
@@ -32,9 +39,49 @@ from router_upcycling.settings.routers import BASELINE_ROUTER, DEFAULT_ROUTER
 
 LONG_DENSE_STEPS = 4 * DenseSettings().steps
 MATCHED = "matched"  # placeholder for the router scale that matches vanilla's initial logit std
+BACKBONES = {
+    "mha": DenseSettings(),
+    "gqa": replace(DenseSettings(), num_kv_heads=2),
+    "qwen3": replace(DenseSettings(), num_kv_heads=2, family="qwen3"),
+}
+BACKBONE = "mha"  # the study's backbone, set by --backbone before anything runs
 
 
 def runs() -> Dict[str, RunSpec]:
+    """Every trained run of the backbone."""
+    return mha_runs() if BACKBONE == "mha" else gqa_runs()
+
+
+def gqa_runs() -> Dict[str, RunSpec]:
+    """Grouped-query backbones: the paper's construction (whose experts start tied) against the router inits that give
+    every expert its own keys, with the MHA study's two findings (router scale, max aggregation) re-checked on the
+    `query` init; on Qwen3 also the routers' queries and keys taken after the per-head norm."""
+    specs = [
+        RunSpec("vanilla", BASELINE_ROUTER),
+        RunSpec("mor", DEFAULT_ROUTER, upcycle_flags=("--router-init", "paper")),
+        RunSpec("mor-query", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query")),
+        RunSpec("mor-perturb", DEFAULT_ROUTER, upcycle_flags=("--router-init", "perturb")),
+        RunSpec("mor-query-scale-inv-sqrt-dr", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query", "--router-scale", "0.25")),
+        RunSpec("mor-query-max", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query", "--router-aggregation", "max")),
+    ]
+    if BACKBONE == "qwen3":
+        specs += [RunSpec("mor-query-qk-after", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query", "--router-qk-norm", "after")),
+                  RunSpec("mor-perturb-qk-after", DEFAULT_ROUTER, upcycle_flags=("--router-init", "perturb", "--router-qk-norm", "after"))]
+    return {spec.name: spec for spec in specs}
+
+
+GQA_ROWS = {
+    "paper construction (average keys: experts tied)": ("mor", "vanilla"),
+    "router init query (average queries)": ("mor-query", "vanilla"),
+    "router init perturb (ties broken)": ("mor-perturb", "vanilla"),
+    "query init, router logit scale 1/sqrt(d_r) = 0.25": ("mor-query-scale-inv-sqrt-dr", "vanilla"),
+    "query init, max aggregation": ("mor-query-max", "vanilla"),
+    "query init, queries and keys after the QK-norm": ("mor-query-qk-after", "vanilla"),
+    "perturb init, queries and keys after the QK-norm": ("mor-perturb-qk-after", "vanilla"),
+}
+
+
+def mha_runs() -> Dict[str, RunSpec]:
     """Every trained run. MoR's router dim in the quickstart is d_r = 128 / 8 = 16 (R = 8), 32 with R = 4."""
     specs = [
         RunSpec("vanilla", BASELINE_ROUTER),
@@ -58,7 +105,7 @@ def runs() -> Dict[str, RunSpec]:
 
 
 # table row -> (Router Upcycling run, vanilla run it is paired with)
-ROWS = {
+MHA_ROWS = {
     "paper setting (scale 1, aux 0.01, R = 8, sum, 32,768 calibration tokens)": ("mor", "vanilla"),
     "router logit scale 1/sqrt(d_r) = 0.25": ("mor-scale-inv-sqrt-dr", "vanilla"),
     "router logit scale matched to vanilla's initial logit std": ("mor-scale-matched", "vanilla"),
@@ -71,6 +118,10 @@ ROWS = {
     "max aggregation": ("mor-max", "vanilla"),
     f"dense model trained 4x longer ({LONG_DENSE_STEPS} steps), both runs": ("mor-long-dense", "vanilla-long-dense"),
 }
+
+
+def rows() -> Dict[str, tuple]:
+    return MHA_ROWS if BACKBONE == "mha" else GQA_ROWS
 
 
 class Study(Pipeline):
@@ -108,9 +159,11 @@ class Study(Pipeline):
         return json.loads((output / "health.json").read_text())
 
     def step0_baseline(self) -> Dict[str, dict]:
-        """Step-0 health of vanilla and mor for the first seed (the report's table and the matched scale)."""
+        """Step-0 health of vanilla and mor for the first seed (the report's table and the matched scale), and on
+        grouped-query backbones of every router init (whether experts start tied is what they differ in)."""
         catalogue = runs()
-        return {name: self.step0_health(catalogue[name], self.seeds[0]) for name in ("vanilla", "mor")}
+        names = ("vanilla", "mor") if BACKBONE == "mha" else [n for n in catalogue if "scale" not in n and "max" not in n]
+        return {name: self.step0_health(catalogue[name], self.seeds[0]) for name in names}
 
     def run_one(self, run: RunSpec, seed: int, scale: Optional[float]) -> None:
         if MATCHED in run.upcycle_flags:
@@ -178,7 +231,9 @@ def health_over_training(save: Path) -> Dict[int, dict]:
     for record in records(save):
         layers = record.get("routing_health")
         if layers:
-            curve[record["step"]] = {key: statistics.mean(layer[key] for layer in layers) for key in HEALTH_KEYS}
+            # runs recorded before a measure existed lack it (tied_choice)
+            curve[record["step"]] = {key: statistics.mean(layer[key] for layer in layers) for key in HEALTH_KEYS
+                                     if key in layers[0]}
     return curve
 
 
@@ -199,8 +254,8 @@ def health_cells(layers: List[dict]) -> str:
     """Layer mean (min-max over layers) of each measure."""
     cells = []
     for key in HEALTH_KEYS:
-        values = [layer[key] for layer in layers]
-        cells.append(f"{statistics.mean(values):.3g} ({min(values):.3g}-{max(values):.3g})")
+        values = [layer[key] for layer in layers if key in layer]
+        cells.append(f"{statistics.mean(values):.3g} ({min(values):.3g}-{max(values):.3g})" if values else "")
     return " | ".join(cells)
 
 
@@ -212,12 +267,13 @@ def health_tables(result: dict, seeds: List[int]) -> List[str]:
         lines.append(f"| {name} | {health_cells(health['routing_health'])} |")
     lines += ["", "## Routing health during training (layer mean, averaged over the seeds that ran)", "",
               "| run | step " + header, "|---|---|" + "---|" * len(HEALTH_KEYS)]
-    for name in HEALTH_RUNS:
+    for name in (HEALTH_RUNS if BACKBONE == "mha" else list(runs())):
         curves = [result["runs"].get(name, {}).get(seed, {}).get("health") or {} for seed in seeds]
         for step in HEALTH_STEPS:
             points = [curve[step] for curve in curves if step in curve]
             if points:
-                cells = " | ".join(f"{statistics.mean(p[key] for p in points):.3g}" for key in HEALTH_KEYS)
+                cells = " | ".join(f"{statistics.mean(p[key] for p in points):.3g}" if all(key in p for p in points)
+                                   else "" for key in HEALTH_KEYS)
                 lines.append(f"| {name} ({len(points)} seed{'s' * (len(points) > 1)}) | {step} | {cells} |")
     return lines
 
@@ -233,7 +289,7 @@ def write_study(root: Path, seeds: List[int], selected: List[str], scale: float,
         result["runs"][name] = {seed: {"final_val_loss": loss,
                                        "health": health_over_training(layout.trained(name, seed)) if loss is not None else {}}
                                 for seed, loss in finished.items()}
-    for label, (mor, vanilla) in ROWS.items():
+    for label, (mor, vanilla) in rows().items():
         if mor not in selected or vanilla not in selected:
             continue
         differences = {}
@@ -261,14 +317,18 @@ def write_study(root: Path, seeds: List[int], selected: List[str], scale: float,
     print(f"study: wrote {root / 'study.md'}", flush=True)
 
 
-DOCS_BLOCK = re.compile(r"(<!-- study:begin[^\n]*-->\n).*?(<!-- study:end -->)", re.S)
+def docs_block() -> "re.Pattern":
+    """The backbone's block of the docs: `<!-- study:begin ... -->` for mha, `<!-- study:begin gqa ... -->` for gqa."""
+    name = "" if BACKBONE == "mha" else f" {BACKBONE}"
+    return re.compile(rf"(<!-- study:begin{name}(?: [^\n]*)?-->\n).*?(<!-- study:end{name} -->)", re.S)
 
 
 def docs_with_markers(docs: Path) -> str:
     """The file's text; a one-line error when it has no study block to fill (checked before any training)."""
     text = docs.read_text() if docs.is_file() else ""
-    if not DOCS_BLOCK.search(text):
-        raise QuickstartError(f"{docs} has no '<!-- study:begin ... -->' ... '<!-- study:end -->' block to fill")
+    if not docs_block().search(text):
+        name = "" if BACKBONE == "mha" else f" {BACKBONE}"
+        raise QuickstartError(f"{docs} has no '<!-- study:begin{name} ... -->' ... '<!-- study:end{name} -->' block to fill")
     return text
 
 
@@ -277,7 +337,7 @@ def fill_docs(docs: Path, report: str) -> None:
     file's study markers, leaving the rest of the file as it was; written whole, then renamed."""
     lines = report.removeprefix(REPORT_TITLE).strip().splitlines()
     body = "\n".join("#" + line if line.startswith("## ") else line for line in lines)
-    text = DOCS_BLOCK.sub(lambda match: match.group(1) + body + "\n" + match.group(2), docs_with_markers(docs), count=1)
+    text = docs_block().sub(lambda match: match.group(1) + body + "\n" + match.group(2), docs_with_markers(docs), count=1)
     write_text_atomic(str(docs), text)
     print(f"study: filled {docs}", flush=True)
 
@@ -285,19 +345,26 @@ def fill_docs(docs: Path, report: str) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m examples.quickstart.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="runs/study", help="study folder (default runs/study)")
+    parser.add_argument("--backbone", choices=list(BACKBONES), default="mha", help="the dense model: mha (the "
+                        "quickstart's), gqa (2 key/value heads) or qwen3 (QK-norm, 2 key/value heads); default mha")
+    parser.add_argument("--output", help="study folder (default runs/study, runs/study-BACKBONE for the others)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default 1 2 3)")
-    parser.add_argument("--only", nargs="+", choices=list(runs()), help="train only these runs (vanilla and mor always)")
+    parser.add_argument("--only", nargs="+", help="train only these runs of the backbone (vanilla and mor always)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: write study.md and study.json "
                         "from the runs that finished (every row; those not run say so)")
     parser.add_argument("--docs", type=Path, help="also write the report between this file's study markers "
                         "('<!-- study:begin ... -->' and '<!-- study:end -->'), e.g. docs/results.md")
     args = parser.parse_args(argv)
+    global BACKBONE
+    BACKBONE = args.backbone
     with user_errors():
+        unknown = sorted(set(args.only or []) - set(runs()))
+        if unknown:
+            raise QuickstartError(f"--only {unknown[0]}: not a run of the {BACKBONE} study ({', '.join(runs())})")
         if args.docs:
             docs_with_markers(args.docs)  # before hours of training
-        root = Path(args.output).resolve()
-        settings = DemoSettings()
+        root = Path(args.output or ("runs/study" if BACKBONE == "mha" else f"runs/study-{BACKBONE}")).resolve()
+        settings = DemoSettings(dense=BACKBONES[BACKBONE])
         prepare_output(root, settings, fresh=False)
         selected = list(dict.fromkeys(["vanilla", "mor", *(args.only or runs())]))
         study = Study(Layout(root), settings, args.seeds)

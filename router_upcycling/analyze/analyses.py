@@ -23,7 +23,7 @@ from router_upcycling.analyze.inputs import AnalysisError
 from router_upcycling.analyze.stats import (
     dense_routing_weights, expert_outputs, expert_token_counts, pairwise_cosine_sum, routing_map_of,
 )
-from router_upcycling.routing_stats import routing_health, routing_sums, sums_width
+from router_upcycling.routing_stats import counted_tokens, routing_health, routing_sums, sums_width
 from router_upcycling.text import equal_length_batches
 
 # Expert outputs are built for this many tokens at a time: [N, block, d] floats stay small.
@@ -137,7 +137,7 @@ def routing_health_by_layer(model: torch.nn.Module, chunks: List[List[int]], bat
     return {
         "layers": list(blocks),
         "routing_health": routing_health(sums),
-        "tokens": int(sums[0, -1].item()),
+        "tokens": int(counted_tokens(sums)[0].item()),
         "num_experts": num_experts,
         "topk": model.config.num_experts_per_tok,
     }

@@ -62,6 +62,7 @@ def plot_health(result: dict, path: str) -> None:
         ("top1_weight", "weight of the first expert", [(1 / topk, "1/k")], 1.0),
         ("logit_std", "std of router logits", [], None),
         ("entropy", "entropy of mean routing (nats)", [(math.log(num_experts), "ln N")], None),
+        ("tied_choice", "tokens choosing tied experts", [], 1.0),
     ]
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
     for ax, (key, title, references, top) in zip(axes, panels):

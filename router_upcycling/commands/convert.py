@@ -15,13 +15,16 @@ from router_upcycling.cli import OneLineErrorParser, run_command
 from router_upcycling.settings.export import export_formats
 from router_upcycling.settings.families import FAMILIES
 from router_upcycling.settings.routers import AGGREGATIONS, DEFAULT_ROUTER, router_names, routers_help
-from router_upcycling.settings.upcycle import PAPER_CALIBRATION_TOKENS, QK_NORM_SIDES
+from router_upcycling.settings.upcycle import (
+    AUTO, GQA_ROUTER_INIT, PAPER_CALIBRATION_TOKENS, QK_NORM_SIDE, QK_NORM_SIDES, ROUTER_INITS,
+)
 
 # MoESettings' and CalibrationSettings' fields and the upcycle flags that set them
 UPCYCLE_FLAGS = {"num_experts": "--num-experts", "topk": "--topk", "router": "--router", "num_routers": "--num-routers",
                  "aggregation": "--router-aggregation", "router_scale": "--router-scale", "calib_files": "--calib-data",
                  "calib_tokens": "--calib-tokens", "calib_seq_length": "--calib-seq-length",
-                 "calib_batch_size": "--calib-batch-size", "router_qk_norm": "--router-qk-norm", "output": "--output"}
+                 "calib_batch_size": "--calib-batch-size", "router_qk_norm": "--router-qk-norm", "router_init": "--router-init",
+                 "output": "--output"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--calib-tokens", type=int, default=PAPER_CALIBRATION_TOKENS, help="calibration tokens (paper: 10 x 1024 x 4096)")
     up.add_argument("--calib-seq-length", type=int, default=4096, help="tokens per calibration chunk")
     up.add_argument("--calib-batch-size", type=int, default=None, help="chunks per forward pass (results do not depend on it)")
-    up.add_argument("--router-qk-norm", choices=QK_NORM_SIDES, default=QK_NORM_SIDES[0],
+    up.add_argument("--router-init", choices=(AUTO, *ROUTER_INITS), default=AUTO,
+                    help="mor: how the expert keys start. paper: the average keys of the router's heads; query: their "
+                         "average queries (grouped-query attention shares keys between heads, not queries); perturb: "
+                         "the average keys, exact ties broken by a small deterministic perturbation. auto: paper on "
+                         f"multi-head attention, {GQA_ROUTER_INIT} with grouped-query attention or QK-norm (chosen by "
+                         "experiment, docs/results.md)")
+    up.add_argument("--router-qk-norm", choices=(AUTO, *QK_NORM_SIDES), default=AUTO,
                     help="QK-norm models (Qwen3), mor: take the routers' queries and the average keys before the per-head "
-                         "norm (W_q; the mean key before k_norm) or after it (the query norm's weight folded into W_q; "
-                         "the mean of k_norm's output); docs/method.md part 2")
+                         "norm (W_q; the mean before q_norm/k_norm) or after it (the query norm's weight folded into "
+                         f"W_q; the mean of the norm's output); auto: {QK_NORM_SIDE}; docs/method.md part 2")
     up.add_argument("--dtype", choices=STORAGE_DTYPE_NAMES, default="bf16", help="dtype of the written weights (routers stay fp32)")
     up.add_argument("--seed", type=int, default=1234, help="seed of the random baseline routers")
     up.add_argument("--force", action="store_true", help="replace --output if it exists")
@@ -90,7 +99,7 @@ def run_upcycle(args) -> int:
                       num_routers=args.num_routers, aggregation=args.router_aggregation, router_scale=args.router_scale)
     calib = CalibrationSettings(files=args.calib_data, json_key=args.calib_json_key, tokens=args.calib_tokens,
                                 seq_length=args.calib_seq_length, batch_size=args.calib_batch_size,
-                                qk_norm=args.router_qk_norm)
+                                qk_norm=args.router_qk_norm, router_init=args.router_init)
     check_upcycle(args.hf_model, args.output, moe, calib, args.force)
     from router_upcycling.convert.upcycle import upcycle
 

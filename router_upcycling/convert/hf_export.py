@@ -273,7 +273,9 @@ def model_card(card: dict, moe: MoESettings, arch: Architecture, dtype: torch.dt
         ("router", moe.router),
     ]
     if moe.spec.mixture:
+        init = (card.get("calibration") or {}).get("router_init")
         rows += [
+            *([("router init", init)] if init else []),
             ("routers (R)", moe.num_routers),
             ("router dim (d_r)", moe.router_dim(arch)),
             ("expert keys (K)", moe.num_keys),

@@ -20,7 +20,7 @@ from router_upcycling.settings.architecture import Architecture
 from router_upcycling.settings.families import family_named
 from router_upcycling.settings.moe import MoESettings
 from router_upcycling.settings.routers import INIT_STD, resolve
-from router_upcycling.settings.upcycle import CalibrationSettings, check_upcycle
+from router_upcycling.settings.upcycle import CalibrationSettings, check_upcycle, qk_norm_side_for, router_init_for
 
 log = logging.getLogger("router_upcycling.upcycle")
 
@@ -53,29 +53,32 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from router_upcycling.init.calibration import average_attention_keys
-    from router_upcycling.init.grouping import tied_experts
+    from router_upcycling.init.grouping import break_ties, tied_experts
     from router_upcycling.init.routers import init_routers_from_attention
     from router_upcycling.text import TextDataError, read_documents
 
-    calib, moe = context.calib, context.moe
+    calib, moe, arch = context.calib, context.moe, context.arch
+    init = router_init_for(calib.router_init, arch)
+    after_norm = arch.qk_norm and qk_norm_side_for(calib.qk_norm, arch) == "after"
     tokenizer = AutoTokenizer.from_pretrained(context.hf_model)
     model = AutoModelForCausalLM.from_pretrained(context.hf_model, dtype=torch.float32)
     try:
         avg_keys, tokens_used = average_attention_keys(
             model, tokenizer, read_documents(calib.files, calib.json_key), max_tokens=calib.tokens,
             seq_length=calib.seq_length, batch_size=calib.batch_size, progress=context.progress,
-            after_key_norm=context.arch.qk_norm and calib.qk_norm == "after",
+            after_norm=after_norm, projection="q" if init == "query" else "k",
         )
     except TextDataError as err:
         raise ConversionError(str(err)) from None
-    after_norm = context.arch.qk_norm and calib.qk_norm == "after"
     routers = init_routers_from_attention(model, avg_keys, moe.num_routers, moe.num_experts, fold_query_norm=after_norm)
+    if init == "perturb":
+        routers = [(query_weight, break_ties(keys, moe.num_experts, layer)) for layer, (query_weight, keys) in enumerate(routers)]
     del model
     gc.collect()
     record = {"tokens": tokens_used, "requested_tokens": calib.tokens, "seq_length": calib.seq_length,
-              "files": [os.path.abspath(f) for f in calib.files]}
-    if context.arch.qk_norm:
-        record["qk_norm"] = calib.qk_norm
+              "files": [os.path.abspath(f) for f in calib.files], "router_init": init}
+    if arch.qk_norm:
+        record["qk_norm"] = "after" if after_norm else "before"
     return RouterInit([{"query_weight": query_weight, "keys": keys} for query_weight, keys in routers], record,
                       [tied_experts(keys, moe.num_experts) for _, keys in routers])
 

@@ -4,8 +4,10 @@ Documents are tokenized without special tokens, an EOS token is appended to each
 concatenated and cut into consecutive chunks of `seq_length` tokens (the last partial chunk kept),
 up to `max_tokens` tokens (router_upcycling.text.token_chunks). The average key of layer l is the mean over every calibration token t of
 k_proj(x_t) (with bias), x_t being the k_proj input (after input_layernorm), before RoPE. With QK-norm (Qwen3) the key
-can be taken before the per-head norm (k_proj is affine: k_proj of the mean input) or after it (`after_key_norm`:
+can be taken before the per-head norm (k_proj is affine: k_proj of the mean input) or after it (`after_norm`:
 the mean of k_norm's output, which is not the norm of the mean: every token has its own scale).
+`projection="q"` averages the queries instead (q_proj with its bias, or q_norm's output): one per query head,
+which grouped-query attention does not share between heads (docs/method.md part 2, router init `query`).
 
 Shape legend
     L  layers        H_kv  key/value heads      d_h  head dim
@@ -41,12 +43,13 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "model", model)
 
 
-class _KeyNormOutputSums:
-    """Forward hooks on every layer's self_attn.k_norm that sum its output over tokens, in float64: [L, H_kv, d_h]."""
+class _NormOutputSums:
+    """Forward hooks on every layer's self_attn.{q,k}_norm that sum its output over tokens, in float64: [L, heads, d_h]."""
 
-    def __init__(self, layers: Sequence[torch.nn.Module], num_kv_heads: int, head_dim: int, device: torch.device):
-        self.sums = torch.zeros(len(layers), num_kv_heads, head_dim, dtype=torch.float64, device=device)
-        self.handles = [layer.self_attn.k_norm.register_forward_hook(self._hook(index)) for index, layer in enumerate(layers)]
+    def __init__(self, layers: Sequence[torch.nn.Module], norm: str, num_heads: int, head_dim: int, device: torch.device):
+        self.sums = torch.zeros(len(layers), num_heads, head_dim, dtype=torch.float64, device=device)
+        self.handles = [getattr(layer.self_attn, norm).register_forward_hook(self._hook(index))
+                        for index, layer in enumerate(layers)]
 
     def _hook(self, index: int):
         def add_output(module, inputs, output):
@@ -81,18 +84,18 @@ class _KeyInputSums:
 
 
 @torch.no_grad()
-def _keys_of_mean_input(layers: Sequence[torch.nn.Module], mean_inputs: torch.Tensor) -> torch.Tensor:
-    """k_proj is affine, so mean_t k_proj(x_t) = k_proj(mean_t x_t): [L, d] -> [L, H_kv * d_h], float64."""
-    keys = []
+def _projections_of_mean_input(layers: Sequence[torch.nn.Module], mean_inputs: torch.Tensor, projection: str) -> torch.Tensor:
+    """{q,k}_proj is affine, so mean_t proj(x_t) = proj(mean_t x_t): [L, d] -> [L, heads * d_h], float64."""
+    outputs = []
     for layer, mean_input in zip(layers, mean_inputs):
-        k_proj = layer.self_attn.k_proj
-        bias = k_proj.bias.double() if k_proj.bias is not None else 0.0
-        keys.append(k_proj.weight.double() @ mean_input.to(k_proj.weight.device) + bias)
-    return torch.stack(keys)
+        linear = getattr(layer.self_attn, f"{projection}_proj")
+        bias = linear.bias.double() if linear.bias is not None else 0.0
+        outputs.append(linear.weight.double() @ mean_input.to(linear.weight.device) + bias)
+    return torch.stack(outputs)
 
 
 class AverageKeys(NamedTuple):
-    keys: torch.Tensor  # [L, H_kv, d_h] float32, on CPU
+    keys: torch.Tensor  # [L, H_kv, d_h] float32, on CPU ([L, H, d_h]: average queries, projection "q")
     tokens: int  # calibration tokens actually used: max_tokens, or fewer when the documents ran out
 
 
@@ -105,9 +108,11 @@ def average_attention_keys(
     batch_size: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
-    after_key_norm: bool = False,
+    after_norm: bool = False,
+    projection: str = "k",
 ) -> AverageKeys:
-    """Average pre-RoPE key of every layer and key/value head over the calibration tokens.
+    """Average pre-RoPE key of every layer and key/value head over the calibration tokens (or, with projection "q",
+    the average query of every query head).
 
     Args:
         model: a dense Hugging Face Qwen2ForCausalLM (or Qwen2Model); it is run frozen (eval, no grad) and is
@@ -121,7 +126,8 @@ def average_attention_keys(
         device: where to run; default: the model's device if it is an accelerator, else CUDA when
             available, else CPU.
         progress: show a tqdm bar counting tokens.
-        after_key_norm: QK-norm models only: average the keys after the per-head k_norm (else before it).
+        after_norm: QK-norm models only: average after the per-head norm (k_norm, q_norm), else before it.
+        projection: "k" (keys, one per KV head) or "q" (queries, one per query head).
 
     Returns:
         AverageKeys: the keys [L, H_kv, d_h] (float32, on CPU) and the number of tokens they average over.
@@ -131,11 +137,11 @@ def average_attention_keys(
     decoder = _decoder(model)
     original_device, was_training = next(model.parameters()).device, model.training
     model.eval().to(device)
-    num_kv_heads = model.config.num_key_value_heads
+    num_heads = model.config.num_key_value_heads if projection == "k" else model.config.num_attention_heads
     layers = decoder.layers
-    if after_key_norm:
-        head_dim = layers[0].self_attn.k_norm.weight.shape[0]
-        sums = _KeyNormOutputSums(layers, num_kv_heads, head_dim, device)
+    if after_norm:
+        norm = f"{projection}_norm"
+        sums = _NormOutputSums(layers, norm, num_heads, getattr(layers[0].self_attn, norm).weight.shape[0], device)
     else:
         sums = _KeyInputSums(layers, device)
     try:
@@ -149,8 +155,8 @@ def average_attention_keys(
     if num_tokens < max_tokens:
         logger.warning("calibration used %d tokens: the documents ran out before the %d asked for", num_tokens, max_tokens)
     means = sums.sums.cpu() / num_tokens
-    keys = means if after_key_norm else _keys_of_mean_input(layers, means)  # [L, H_kv, d_h] or [L, H_kv * d_h]
-    return AverageKeys(keys.reshape(len(layers), num_kv_heads, -1).float().cpu(), num_tokens)
+    averages = means if after_norm else _projections_of_mean_input(layers, means, projection)  # [L, heads(, d_h)]
+    return AverageKeys(averages.reshape(len(layers), num_heads, -1).float().cpu(), num_tokens)
 
 
 def _run_over_chunks(

@@ -138,3 +138,24 @@ def tied_experts(keys: torch.Tensor, num_experts: int) -> List[List[int]]:
         held = tuple(sorted(tuple(row) for row in keys[indices[expert]].tolist()))  # an expert takes the max: a set
         holders.setdefault(held, []).append(expert)
     return [experts for experts in holders.values() if len(experts) > 1]
+
+
+TIE_BREAK_SCALE = 1e-2  # of a key's norm
+
+
+def break_ties(keys: torch.Tensor, num_experts: int, layer: int, scale: float = TIE_BREAK_SCALE) -> torch.Tensor:
+    """The keys [K, d_r] with exact ties broken and nothing else changed (router init `perturb`).
+
+    In every group of experts that hold identical keys (tied_experts), the first keeps its keys; each other member's
+    keys move by `scale` times their norm along a fixed pseudo-random direction (seeded by layer and expert, so the
+    result is deterministic), enough to give the experts different logits and so different tokens and gradients.
+    """
+    keys = keys.clone()
+    indices = expert_key_indices(num_experts, keys.shape[0])
+    for group in tied_experts(keys, num_experts):
+        for expert in group[1:]:
+            generator = torch.Generator().manual_seed(1_000_003 * layer + expert)
+            for key in indices[expert].tolist():
+                direction = torch.randn(keys.shape[1], generator=generator, dtype=torch.float64)
+                keys[key] += (scale * keys[key].double().norm() * direction / direction.norm()).to(keys.dtype)
+    return keys

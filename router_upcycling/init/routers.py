@@ -28,17 +28,19 @@ def init_routers_from_attention(
 
     Args:
         hf_model: the dense ...ForCausalLM (or its decoder); its q_proj weights are read (the q bias is not used).
-        avg_kv_keys: [L, H_kv, d_h] from router_upcycling.init.calibration.average_attention_keys.
+        avg_kv_keys: [L, H_kv, d_h] from router_upcycling.init.calibration.average_attention_keys (or [L, H, d_h]:
+            one statistic per query head, e.g. its average query).
         num_routers: R.
         num_experts: N.
         fold_query_norm: QK-norm models: take the queries after the norm's weight (query_weight_of).
     """
     layers = getattr(hf_model, "model", hf_model).layers
     num_heads = hf_model.config.num_attention_heads
-    if avg_kv_keys.shape[0] != len(layers) or avg_kv_keys.shape[1] != hf_model.config.num_key_value_heads:
+    # one statistic per KV head (average keys) or per query head (average queries: router init `query`)
+    if avg_kv_keys.shape[0] != len(layers) or avg_kv_keys.shape[1] not in (hf_model.config.num_key_value_heads, num_heads):
         raise ValueError(
-            f"average keys {tuple(avg_kv_keys.shape)} do not match a model of {len(layers)} layers and "
-            f"{hf_model.config.num_key_value_heads} key/value heads"
+            f"average keys {tuple(avg_kv_keys.shape)} do not match a model of {len(layers)} layers, "
+            f"{hf_model.config.num_key_value_heads} key/value heads and {num_heads} query heads"
         )
     routers = []
     for layer, kv_keys in zip(layers, avg_kv_keys):

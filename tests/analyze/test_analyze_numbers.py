@@ -109,7 +109,8 @@ def test_analyze_health_matches_a_direct_computation(tiny):
             "max_share": shares.max().item(), "dead_experts": health["dead_experts"],
             "top1_weight": weights.max(-1).values.mean().item(), "logit_std": logits.std(unbiased=False).item(),
             "entropy": -(mean_probs * mean_probs.log()).sum().item(),
-        }, rel=1e-5)
+            "tied_choice": (weights[:, 0] == weights[:, 1]).double().mean().item(),  # a random gate: no ties
+        }, rel=1e-5, abs=1e-12)
 
 
 def test_analyze_cli_writes_json_and_png(tiny, tmp_path):

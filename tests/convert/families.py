@@ -37,6 +37,8 @@ def convert_and_check(name: str, root) -> dict:
         for fmt in ("mor", "stock"):
             folders.append(export(checkpoint, str(root / f"{router}-{fmt}"), fmt, dtype=DTYPE))
         metadata[router] = json.loads((root / router / "router_upcycling.json").read_text())
+    # the default router init (auto) starts no two experts with the same keys, on any geometry here
+    assert metadata["mor"]["tied_experts"] == [0, 0], metadata["mor"]["tied_experts"]
     stock = family_named(geometry.family).stock.architecture
     for folder in folders[1::2]:
         assert json.loads((root / folder / "config.json").read_text())["architectures"] == [stock]
@@ -47,4 +49,18 @@ def convert_and_check(name: str, root) -> dict:
     logits = logits_in_fresh_interpreter(folders, input_ids, str(root))
     for folder in folders:
         torch.testing.assert_close(logits[folder], expected, atol=1e-4, rtol=0, msg=f"{name} {os.path.basename(folder)}")
+    health = step0_health(folders[2], dense)  # the mor export of the mor router
+    assert all(layer["tied_choice"] == 0 for layer in health["routing_health"]), health
     return metadata
+
+
+def step0_health(folder: str, dense: str) -> dict:
+    """Routing health of an export on real text (the sample sentences, tokenized by the model's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from router_upcycling.analyze.analyses import routing_health_by_layer
+    from router_upcycling.text import token_chunks
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    chunks = list(token_chunks(SAMPLE_TEXT * 20, AutoTokenizer.from_pretrained(dense), 1024, 128))
+    return routing_health_by_layer(model, chunks, batch_size=4)

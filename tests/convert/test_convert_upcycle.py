@@ -121,3 +121,28 @@ def test_qk_norm_sides_apply_to_qk_norm_models_only(tmp_path, dense_models, cali
     with pytest.raises(SettingError, match="applies to routers initialised from the attention of QK-norm models"):
         upcycle(dense_models["mha_tied"], str(tmp_path / "moe"), MoESettings(num_experts=4), calib, progress=False)
     assert not (tmp_path / "moe").exists()
+
+
+@pytest.mark.parametrize("init", ["paper", "query", "perturb"])
+def test_router_inits_on_grouped_query_attention_and_their_stock_fold(tmp_path, dense_models, calib_file, init):
+    """8 heads on 2 KV heads, 4 routers of 2 heads: the paper's keys tie experts whose heads share KV groups; the query
+    and perturb inits start every expert apart. All three stay a sum over one key per expert, so the stock export's
+    linear gate gives exactly the logits of the `mor` export's Mixture-of-Routers."""
+    from transformers import AutoModelForCausalLM
+
+    from router_upcycling.convert.export import export
+
+    calib = CalibrationSettings(files=[calib_file], tokens=200, seq_length=16, router_init=init)
+    checkpoint = upcycle(dense_models["gqa_untied"], str(tmp_path / "moe"), MoESettings(num_experts=4, num_routers=4),
+                         calib, dtype="fp32", progress=False)
+    metadata = json.loads(open(os.path.join(checkpoint, "router_upcycling.json")).read())
+    assert metadata["calibration"]["router_init"] == init
+    assert (sum(metadata["tied_experts"]) > 0) == (init == "paper"), metadata["tied_experts"]
+    logits = {}
+    for fmt in ("mor", "stock"):
+        model = AutoModelForCausalLM.from_pretrained(export(checkpoint, str(tmp_path / fmt), fmt, dtype="fp32"),
+                                                     trust_remote_code=True, dtype=torch.float32)
+        with torch.no_grad():
+            out = model(torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(0)), output_router_logits=True)
+        logits[fmt] = torch.stack(out.router_logits)
+    torch.testing.assert_close(logits["stock"], logits["mor"], rtol=1e-5, atol=1e-5)

@@ -115,7 +115,7 @@ def test_qk_norm_keys_after_the_norm_are_the_mean_of_k_norm_outputs(qwen3_model)
     documents = SAMPLE_TEXT * 10
     chunks = list(token_chunks(documents, tokenizer, CALIBRATION_TOKENS, SEQ_LENGTH))
     after = average_attention_keys(model, tokenizer, documents, CALIBRATION_TOKENS, SEQ_LENGTH, progress=False,
-                                   after_key_norm=True).keys
+                                   after_norm=True).keys
     before = average_attention_keys(model, tokenizer, documents, CALIBRATION_TOKENS, SEQ_LENGTH, progress=False).keys
     layers = model.model.layers
     sums, num_tokens = [0.0] * len(layers), 0
@@ -140,3 +140,22 @@ def test_folding_the_query_norm_scales_every_head_by_its_weight(qwen3_model):
     gain = model.model.layers[0].self_attn.q_norm.weight.detach()  # [d_h]: one router per head here
     torch.testing.assert_close(folded[0][0], raw[0][0] * gain[None, :, None], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(folded[0][1], raw[0][1])  # the keys are the keys given
+
+
+def test_average_queries_are_q_proj_of_the_mean_input_per_query_head(dense_model):
+    """projection "q": mean over tokens of q_proj(x_t) (bias included), one per query head, written out."""
+    model, tokenizer = dense_model
+    documents = SAMPLE_TEXT * 10
+    chunks = list(token_chunks(documents, tokenizer, CALIBRATION_TOKENS, SEQ_LENGTH))
+    queries = average_attention_keys(model, tokenizer, documents, CALIBRATION_TOKENS, SEQ_LENGTH, progress=False,
+                                     projection="q").keys
+    layers = model.model.layers
+    sums, num_tokens = [0.0] * len(layers), 0
+    with torch.no_grad():
+        for chunk in chunks:
+            hidden_states = model(torch.tensor([chunk]), output_hidden_states=True).hidden_states
+            for index, layer in enumerate(layers):
+                sums[index] = sums[index] + layer.self_attn.q_proj(layer.input_layernorm(hidden_states[index])).double().sum(dim=(0, 1))
+            num_tokens += len(chunk)
+    assert queries.shape == (len(layers), model.config.num_attention_heads, 8)
+    torch.testing.assert_close(queries, (torch.stack(sums) / num_tokens).view(len(layers), 8, 8).float(), rtol=1e-5, atol=1e-6)

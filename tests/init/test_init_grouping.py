@@ -212,3 +212,21 @@ def test_router_parameter_count_of_qwen1_5_0_5b():
     )
     assert query_weight.shape == (8, 128, hidden) and keys.shape == (8, 128)
     assert query_weight.numel() + keys.numel() == 8 * 128 * 1024 + 8 * 128 == 1_049_600
+
+
+def test_breaking_ties_moves_only_tied_experts_by_a_small_fixed_amount():
+    from router_upcycling.init.grouping import TIE_BREAK_SCALE, break_ties, tied_experts
+
+    generator = torch.Generator().manual_seed(0)
+    distinct = torch.randn(4, 6, generator=generator)
+    keys = torch.cat([distinct[:2], distinct[:1], distinct[2:3], distinct[:1]])  # experts 0, 2, 4 tied; 1 and 3 not
+    assert tied_experts(keys, 5) == [[0, 2, 4]]
+    broken = break_ties(keys, 5, layer=3)
+    assert tied_experts(broken, 5) == []
+    torch.testing.assert_close(broken[[0, 1, 3]], keys[[0, 1, 3]], rtol=0, atol=0)  # the first of a group and the untied
+    moved = (broken - keys).norm(dim=1) / keys.norm(dim=1)
+    torch.testing.assert_close(moved[[2, 4]], torch.full((2,), TIE_BREAK_SCALE), rtol=1e-5, atol=0)
+    torch.testing.assert_close(break_ties(keys, 5, layer=3), broken, rtol=0, atol=0)  # deterministic
+    assert not torch.equal(break_ties(keys, 5, layer=4), broken)  # and different per layer
+    several = torch.cat([keys, keys])  # K = 10 keys for N = 5: experts hold keys {i, i + 5}
+    assert tied_experts(several, 5) == [[0, 2, 4]] and tied_experts(break_ties(several, 5, layer=0), 5) == []
