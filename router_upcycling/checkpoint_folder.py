@@ -8,10 +8,14 @@ never the one loaded. The torch_dist contents of an iteration folder are router_
 import json
 import os
 import shutil
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from router_upcycling.errors import UserError
 from router_upcycling.files import read_json_object
+
+if TYPE_CHECKING:
+    from router_upcycling.settings.architecture import Architecture
+    from router_upcycling.settings.moe import MoESettings
 
 METADATA_FILE = "router_upcycling.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"

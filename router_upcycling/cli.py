@@ -1,16 +1,73 @@
 """Shared command-line behaviour: one way to fail (a user mistake is one `error: ...` line on stderr and exit
-status 2), argparse that fails the same way, and readable logs."""
+status 2), one way to stop on a signal (SIGTERM from Slurm's scancel or a time limit, SIGINT from Ctrl-C: the
+command's worker processes are stopped, its staging folder removed, any previous output kept, one line and exit
+status 128 + the signal), argparse that fails the same way, and readable logs."""
 import argparse
 import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Callable, Mapping, NoReturn, Optional
 
 from router_upcycling.errors import SettingError, UserError
 
 USER_ERROR_STATUS = 2
-INTERRUPTED_STATUS = 130
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stop_worker_processes(timeout: float = 5.0) -> None:
+    """Terminate this process's children and theirs (megatron-core's checkpoint writers, tokenizer pools, a
+    multiprocessing manager), then kill what is left after `timeout` seconds: none may outlive the command."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def stopped_message(signum: int) -> str:
+    return f"stopped by {signal.Signals(signum).name}: nothing half-written was left behind"
+
+
+def _stop(signum, frame) -> None:
+    """Stop now, from wherever the command is: an exception raised here could land in a finalizer and be ignored.
+
+    The workers go first (a writer still writing could recreate what is removed), then every staging in progress
+    (router_upcycling.outputs: an old output being replaced is put back), then the process, 128 + the signal."""
+    from router_upcycling.outputs import abandon_staged_outputs
+
+    for sig in STOP_SIGNALS:  # a second signal while stopping must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    stop_worker_processes()
+    abandon_staged_outputs()
+    stop_worker_processes(timeout=1.0)  # a pool may have replaced a worker meanwhile
+    print(stopped_message(signum), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT stop the command (_stop) for the duration; the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def fail(message: str) -> NoReturn:
@@ -22,16 +79,18 @@ def fail(message: str) -> NoReturn:
 @contextlib.contextmanager
 def user_errors(flags: Optional[Mapping[str, str]] = None):
     """Turn a UserError into `error: <message>` on stderr and exit status 2; a SettingError names the field by this
-    command's flag (`flags`: field -> flag). Ctrl-C is `interrupted` and status 130."""
+    command's flag (`flags`: field -> flag). SIGTERM and SIGINT stop the command (stop_on_signals): one line,
+    status 128 + the signal."""
     try:
-        yield
+        with stop_on_signals():
+            yield
     except SettingError as err:
         fail(str(err.as_flag(flags or {})))
     except UserError as err:
         fail(str(err))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED_STATUS)
+    except KeyboardInterrupt:  # raised by Python's own handler, outside stop_on_signals
+        print(stopped_message(signal.SIGINT), file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def run_command(body: Callable[[], Optional[int]], flags: Optional[Mapping[str, str]] = None) -> int:

@@ -1,9 +1,14 @@
-"""Writing output folders safely: all or nothing, and never over existing work without force."""
+"""Writing outputs safely: all or nothing, and never over existing work without force.
+
+Every folder or file a command writes is staged beside its destination and renamed into place when complete.
+Stagings in progress are registered, so that a command stopped by a signal (router_upcycling.cli) removes them and
+puts back an old output it was about to replace, whatever it was doing at that moment.
+"""
 import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, List, Optional
 
 from router_upcycling.errors import UserError
 
@@ -24,11 +29,53 @@ def _current_umask() -> int:
     return mask
 
 
+class _Staging:
+    """A staging folder or file on its way to `output`; `retired` holds an old output while it is replaced."""
+
+    def __init__(self, staging: str, output: Optional[str] = None) -> None:
+        self.staging, self.output, self.retired = staging, output, None
+
+    def abandon(self) -> None:
+        """Remove what is half-written and put back what was there before (a command stopped mid-way)."""
+        if os.path.isdir(self.staging):
+            shutil.rmtree(self.staging, ignore_errors=True)
+        elif os.path.exists(self.staging):
+            os.remove(self.staging)
+        if self.retired:
+            old = os.path.join(self.retired, os.path.basename(self.output))
+            if os.path.exists(old) and not os.path.exists(self.output):
+                os.rename(old, self.output)  # stopped between moving the old output away and the new one in
+            shutil.rmtree(self.retired, ignore_errors=True)
+
+
+_ACTIVE: List[_Staging] = []
+
+
+def abandon_staged_outputs() -> None:
+    """Undo every staging in progress (called by a stop signal's handler before the process exits)."""
+    while _ACTIVE:
+        _ACTIVE.pop().abandon()
+
+
+@contextlib.contextmanager
+def _registered(staging: _Staging) -> Iterator[_Staging]:
+    _ACTIVE.append(staging)
+    try:
+        yield staging
+    except BaseException:
+        staging.abandon()
+        raise
+    finally:
+        if staging in _ACTIVE:
+            _ACTIVE.remove(staging)
+
+
 @contextlib.contextmanager
 def staged_output(output_dir: str, force: bool) -> Iterator[str]:
     """A temporary folder beside output_dir that replaces it only when the body finishes without error.
 
-    On any error (or Ctrl-C) the temporary folder is removed and an existing output_dir is untouched.
+    On any error (or Ctrl-C, or a stop signal) the temporary folder is removed and an existing output_dir is
+    untouched.
     """
     output_dir = os.path.abspath(output_dir)
     refuse_existing(output_dir, force)
@@ -36,18 +83,27 @@ def staged_output(output_dir: str, force: bool) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output should not be
-    try:
+    with _registered(_Staging(staging, output_dir)) as state:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if os.path.exists(output_dir):
-        retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-        os.rename(output_dir, os.path.join(retired, name))
-        os.rename(staging, output_dir)
-        shutil.rmtree(retired)
-    else:
-        os.rename(staging, output_dir)
+        if os.path.exists(output_dir):
+            state.retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(output_dir, os.path.join(state.retired, name))
+            os.rename(staging, output_dir)
+            shutil.rmtree(state.retired)
+            state.retired = None
+        else:
+            os.rename(staging, output_dir)
+
+
+@contextlib.contextmanager
+def staging_folder(parent: str, prefix: str) -> Iterator[str]:
+    """A temporary folder under `parent` for files the body moves into place itself; always removed at the end."""
+    folder = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    with _registered(_Staging(folder)):
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -60,14 +116,10 @@ def staged_file(path: str) -> Iterator[str]:
     name = os.path.basename(path)
     handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1], dir=parent)
     os.close(handle)
-    try:
+    with _registered(_Staging(tmp)):
         yield tmp
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; the output should not be
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_text_atomic(path: str, text: str) -> None:

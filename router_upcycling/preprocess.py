@@ -15,8 +15,7 @@ import gzip
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy
 from tqdm import tqdm
 
 from router_upcycling.errors import UserError
-from router_upcycling.outputs import refuse_existing
+from router_upcycling.outputs import refuse_existing, staging_folder
 from router_upcycling.text import batched
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -184,7 +183,10 @@ class _Encoder:
     append_eod = True
 
     @classmethod
-    def initialize(cls, tokenizer_path: str, append_eod: bool) -> None:
+    def initialize(cls, tokenizer_path: str, append_eod: bool, in_worker: bool = False) -> None:
+        if in_worker:  # the main process stops the workers; Ctrl-C reaches the whole process group
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the command's stop handler
         cls.tokenizer = load_tokenizer(tokenizer_path)
         cls.append_eod = append_eod
 
@@ -259,17 +261,14 @@ def preprocess(config: PreprocessConfig) -> List[OutputSummary]:
     tokenizer = load_tokenizer(config.tokenizer)
     indexed_dataset = _indexed_dataset_module()
     dtype = indexed_dataset.DType.optimal_dtype(len(tokenizer))
-    staging = Path(tempfile.mkdtemp(prefix=".preprocess-", dir=output_dir))
-    try:
-        staged = [str(staging / Path(prefix).name) for prefix in prefixes]
+    with staging_folder(str(output_dir), ".preprocess-") as staging:
+        staged = [str(Path(staging) / Path(prefix).name) for prefix in prefixes]
         summaries = _write_datasets(config, files, staged, dtype, indexed_dataset)
         for staged_prefix, prefix, summary in zip(staged, prefixes, summaries):
             for suffix in (".bin", ".idx"):
                 os.replace(staged_prefix + suffix, prefix + suffix)
             summary.prefix = prefix
         return summaries
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_datasets(config: PreprocessConfig, files, staged_prefixes, dtype, indexed_dataset) -> List[OutputSummary]:
@@ -280,7 +279,7 @@ def _write_datasets(config: PreprocessConfig, files, staged_prefixes, dtype, ind
     pool = None
     if config.workers > 1:
         pool = multiprocessing.get_context().Pool(
-            config.workers, initializer=_Encoder.initialize, initargs=(config.tokenizer, config.append_eod)
+            config.workers, initializer=_Encoder.initialize, initargs=(config.tokenizer, config.append_eod, True)
         )
     else:
         _Encoder.initialize(config.tokenizer, config.append_eod)

@@ -14,7 +14,7 @@ Shape legend
     B  batch         S     chunk length         d    hidden size
 """
 import logging
-from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
