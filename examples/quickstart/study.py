@@ -163,6 +163,8 @@ class Study(Pipeline):
         grouped-query backbones of every router init (whether experts start tied is what they differ in)."""
         catalogue = runs()
         names = ("vanilla", "mor") if BACKBONE == "mha" else [n for n in catalogue if "scale" not in n and "max" not in n]
+        for name in names:  # upcycled already, or now (a stage that is done is skipped)
+            self.upcycle(name, self.seeds[0], catalogue[name])
         return {name: self.step0_health(catalogue[name], self.seeds[0]) for name in names}
 
     def run_one(self, run: RunSpec, seed: int, scale: Optional[float]) -> None:
