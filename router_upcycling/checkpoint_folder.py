@@ -79,6 +79,13 @@ def write_tracker(checkpoint_dir: str, iteration) -> None:
     os.replace(path + ".tmp", path)
 
 
+def saved_iterations(checkpoint_dir: str) -> list:
+    """The iteration folders of a checkpoint folder (iter_XXXXXXX and release), newest first."""
+    names = [name for name in os.listdir(checkpoint_dir) if name.startswith("iter_") or name == RELEASE] \
+        if os.path.isdir(checkpoint_dir) else []
+    return sorted(names, reverse=True)
+
+
 def resolve_iteration_dir(checkpoint_dir: str, iteration=None) -> str:
     """The folder of the requested iteration, or of the latest complete one."""
     if iteration is None:

@@ -17,6 +17,40 @@ class OutputExistsError(UserError):
     """The destination exists and replacing it was not asked for."""
 
 
+class DiskFullError(UserError):
+    """A write failed because its file system is full."""
+
+
+LOW_SPACE_BYTES = 16 * 2**20  # a write that fails with less than this left is taken for a full disk
+NOT_WRITE_FAILURES = (UserError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _filesystem_of(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "."
+    return path
+
+
+def disk_full_error(error: BaseException, path: str) -> Optional[DiskFullError]:
+    """A DiskFullError naming `path` when `error` comes from a full file system, else None.
+
+    ENOSPC anywhere in the exception chain, or any failure while the file system has almost nothing left: writers in
+    other processes (megatron-core's checkpoint writer) report a full disk only as an unexpected file position.
+    """
+    import errno
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
+            break
+        seen = seen.__cause__ or seen.__context__
+    free = shutil.disk_usage(_filesystem_of(path)).free
+    if seen is None and free >= LOW_SPACE_BYTES:
+        return None
+    return DiskFullError(f"the disk is full: writing {path} failed with {free / 2**20:.1f} MiB left on its file system; "
+                         "nothing half-written was kept")
+
+
 def refuse_existing(output: str, force: bool) -> None:
     """The one refusal of an existing output (file or folder) that --force was not given to replace."""
     if os.path.exists(output) and not force:
@@ -62,8 +96,11 @@ def _registered(staging: _Staging) -> Iterator[_Staging]:
     _ACTIVE.append(staging)
     try:
         yield staging
-    except BaseException:
+    except BaseException as error:  # torch's CheckpointException, which a full disk raises, is a BaseException
+        full = None if isinstance(error, NOT_WRITE_FAILURES) else disk_full_error(error, staging.output or staging.staging)
         staging.abandon()
+        if full:
+            raise full from None
         raise
     finally:
         if staging in _ACTIVE:

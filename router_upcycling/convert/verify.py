@@ -3,7 +3,7 @@ import dataclasses
 
 import torch
 
-from router_upcycling.checkpoint_folder import CheckpointError, read_checkpoint_settings, resolve_iteration_dir
+from router_upcycling.checkpoint_folder import CheckpointError, read_checkpoint_settings
 from router_upcycling.convert.hf_source import ConversionError
 from router_upcycling.settings.architecture import read_dense_model
 
@@ -38,9 +38,11 @@ def load_megatron_model(checkpoint_dir: str, iteration=None, dtype: torch.dtype 
     from router_upcycling.mcore.model import build_gpt_model, transformer_config
     from router_upcycling.mcore.parallel import initialize_distributed
 
+    from router_upcycling.mcore.checkpoint import readable_iteration_dir
+
     try:
         metadata, arch, moe = read_checkpoint_settings(checkpoint_dir)
-        iteration_dir = resolve_iteration_dir(checkpoint_dir, iteration)
+        iteration_dir = readable_iteration_dir(checkpoint_dir, iteration)
     except CheckpointError as err:
         raise ConversionError(str(err)) from None
     initialize_distributed()

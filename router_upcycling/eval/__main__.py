@@ -8,7 +8,8 @@ from router_upcycling.cli import OneLineErrorParser, run_command
 
 from router_upcycling.eval.report import markdown_table, paper_reference_columns, result_column
 from router_upcycling.eval.runner import MC_METRICS, EvalSettings, check_model_dir, run_suite, write_json_atomic
-from router_upcycling.eval.tasks import SUITE, check_mirror, resolve_tasks
+from router_upcycling.eval.tasks import SUITE, check_hub_reachable, check_mirror, resolve_tasks
+from router_upcycling.hf.loading import check_vocabulary
 from router_upcycling.outputs import refuse_existing
 
 
@@ -59,13 +60,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_command(lambda: run(args))
 
 
+def check_numbers(args) -> None:
+    """The numbers and names lm-eval would otherwise take (or fail on) only after loading the model."""
+    from router_upcycling.eval.tasks import EvalError
+
+    if isinstance(args.batch_size, int) and args.batch_size < 1:
+        raise EvalError(f"--batch-size must be at least 1 (or 'auto'), got {args.batch_size}")
+    for flag, value, least in (("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0),
+                               ("--gen-max-tokens", args.gen_max_tokens, 1)):
+        if value is not None and value < least:
+            raise EvalError(f"{flag} must be at least {least}, got {value}")
+    if args.dtype not in DTYPES:
+        raise EvalError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def run(args) -> None:
+    check_numbers(args)
     tasks = resolve_tasks(args.tasks)
     check_model_dir(args.model)
     if args.output:
         refuse_existing(args.output, args.force)
     if args.data_dir:
         check_mirror(Path(args.data_dir), tasks, args.num_fewshot)
+    else:
+        check_hub_reachable("evaluating without --data-dir")
+    check_vocabulary(args.model, args.trust_remote_code)
     settings = EvalSettings(
         tasks=[task.key for task in tasks], data_dir=args.data_dir, num_fewshot=args.num_fewshot, limit=args.limit,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, mc_metric=args.mc_metric,

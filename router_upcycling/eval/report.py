@@ -138,4 +138,14 @@ def load_results(path: str) -> dict:
         raise EvalError(f"{path} is not JSON: {err}") from None
     if not isinstance(results, dict) or not {"model", "tasks", "groups"} <= results.keys():
         raise EvalError(f"{path} is not a results.json of router_upcycling.eval (needs model, tasks, groups)")
+    tasks, groups = results["tasks"], results["groups"]
+    if not isinstance(tasks, dict) or not all(isinstance(entry, dict) and _is_score(entry.get("score"))
+                                              for entry in tasks.values()):
+        raise EvalError(f"{path}: every entry of 'tasks' must be an object with a numeric 'score'")
+    if not isinstance(groups, dict) or not all(value is None or _is_score(value) for value in groups.values()):
+        raise EvalError(f"{path}: every value of 'groups' must be a number or null")
     return results
+
+
+def _is_score(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -153,6 +153,41 @@ def check_mirror(data_dir: Path, tasks: Sequence[SuiteTask], num_fewshot: int) -
             path = data_dir / file.relative_path
             if not path.is_file():
                 raise EvalError(f"missing mirror file for task {task.key}: expected {path} (write the mirror with tools/mirror_eval_data.py)")
+            check_json_lines(path)
+
+
+def check_json_lines(path: Path) -> None:
+    """Every line of a mirror file is a JSON object (lm-eval would otherwise fail deep inside `datasets`)."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError as err:
+                raise EvalError(f"{path}:{number} is damaged (not JSON: {err}); write the mirror again") from None
+            if not isinstance(row, dict):
+                raise EvalError(f"{path}:{number} is not a JSON object; write the mirror again")
+
+
+def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, where the Hugging Face hub cannot be reached (lm-eval and datasets would retry for
+    minutes, then end in a ConnectionError traceback)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise EvalError(f"{what} needs the Hugging Face hub, and HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout).close()
+    except OSError as err:
+        raise EvalError(f"{what} needs the Hugging Face hub, and {host} cannot be reached ({err}); {OFFLINE_HINT}") from None
+
+
+OFFLINE_HINT = ("evaluate offline with --data-dir DIR, a mirror written where the hub is reachable "
+                "(tools/mirror_eval_data.py)")
 
 
 def offline_override(task: SuiteTask, data_dir: Path, num_fewshot: int) -> dict:

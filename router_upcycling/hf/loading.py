@@ -1,5 +1,22 @@
-"""Loading options for Hugging Face MoE folders (stock Qwen2-MoE or our `mor` export)."""
+"""Loading options and checks for Hugging Face model folders (dense, stock MoE or our `mor` export)."""
 from typing import Optional
+
+from router_upcycling.errors import UserError
+
+
+def check_vocabulary(model_dir: str, trust_remote_code: bool = True) -> None:
+    """The folder's tokenizer must not make ids its model has no embedding for (an IndexError deep inside torch)."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        vocab_size = (json.load(f) or {}).get("vocab_size")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise UserError(f"{model_dir}: its tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} "
+                        "embeddings; the tokenizer belongs to another model")
 
 
 def experts_kwargs(device: Optional[str]) -> dict:

@@ -9,6 +9,63 @@ import torch
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def iteration_problem(iteration_dir: str) -> Optional[str]:
+    """Why a saved iteration folder cannot be loaded (naming the file), or None when it reads.
+
+    Checks what loading reads before any tensor: megatron-core's metadata.json, torch's `.metadata` (the index of
+    every tensor's file, offset and length), every shard file being at least as long as the index says, and the
+    common state (common.pt). A truncated shard, a damaged index or common state is found without reading tensors.
+    """
+    import pickle
+
+    from router_upcycling.files import read_json_object
+
+    def name(file: str) -> str:
+        return os.path.join(iteration_dir, file)
+
+    if not os.path.isdir(iteration_dir):
+        return f"{iteration_dir} does not exist"
+    try:
+        read_json_object(name("metadata.json"), ValueError)
+    except (OSError, ValueError) as err:
+        return f"{name('metadata.json')} is missing or damaged ({err})"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        index = FileSystemReader(iteration_dir).read_metadata()
+    except Exception as err:  # torch raises pickle, EOF and its own errors for a damaged index
+        return f"{name('.metadata')} is missing or damaged ({type(err).__name__}: {err})"
+    needed = {}
+    for storage in index.storage_data.values():
+        needed[storage.relative_path] = max(needed.get(storage.relative_path, 0), storage.offset + storage.length)
+    for file, length in sorted(needed.items()):
+        size = os.path.getsize(name(file)) if os.path.isfile(name(file)) else None
+        if size is None or size < length:
+            what = "is missing" if size is None else f"is truncated ({size} of {length} bytes)"
+            return f"{name(file)} {what}"
+    try:
+        with open(name("common.pt"), "rb") as f:
+            torch.load(f, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
+        return f"{name('common.pt')} is missing or damaged ({type(err).__name__}: {err})"
+    return None
+
+
+def readable_iteration_dir(checkpoint_dir: str, iteration=None) -> str:
+    """The folder of the requested iteration (default: the latest complete one), checked: CheckpointError naming the
+    damaged file, and the older iterations that do read, otherwise."""
+    from router_upcycling.checkpoint_folder import CheckpointError, resolve_iteration_dir, saved_iterations
+
+    path = resolve_iteration_dir(checkpoint_dir, iteration)
+    problem = iteration_problem(path)
+    if problem:
+        older = [it for it in saved_iterations(checkpoint_dir) if it != os.path.basename(path)
+                 and iteration_problem(os.path.join(checkpoint_dir, it)) is None]
+        hint = f"; readable: {', '.join(older)} (--iteration)" if older else "; no other iteration there reads"
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}{hint}")
+    return path
+
+
 def share_view_copies(sharded_state_dict: dict) -> None:
     """Give CPU tensors that are views (e.g. the gate and up halves megatron-core cuts from each
     SwiGLU `linear_fc1`) one compact copy per distinct view, in place.

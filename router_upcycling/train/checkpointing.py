@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 
 from router_upcycling.checkpoint_folder import (
-    copy_tokenizer, iteration_dir_name, read_metadata, read_tracker, resolve_iteration_dir, write_metadata, write_tracker,
+    copy_tokenizer, iteration_dir_name, read_metadata, read_tracker, saved_iterations, write_metadata, write_tracker,
 )
 from router_upcycling.mcore.checkpoint import model_state, save_sharded
 from router_upcycling.mcore import torch_adam
+from router_upcycling.outputs import disk_full_error
 from router_upcycling.mcore.parallel import current_device
 from router_upcycling.train.config import TrainError, TrainingConfig
 
@@ -119,7 +120,16 @@ def save_checkpoint(config: TrainingConfig, iteration: int, consumed_samples: in
     state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=metadata)
     state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
                  opt_param_scheduler=scheduler.state_dict(), parallel_layout=parallel_layout(), rng_state=rng_state())
-    save_sharded(state, iteration_dir, content_metadata=serializable(metadata))
+    try:
+        save_sharded(state, iteration_dir, content_metadata=serializable(metadata))
+    except BaseException as error:  # torch's CheckpointException, which a full disk raises, is a BaseException
+        # the tracker still names the previous checkpoint: it stays the resume point; the partial folder goes
+        full = None if isinstance(error, (KeyboardInterrupt, SystemExit)) else disk_full_error(error, iteration_dir)
+        if dist.get_rank() == 0:
+            shutil.rmtree(iteration_dir, ignore_errors=True)
+        if full:
+            raise full from None
+        raise
     dist.barrier()
     if dist.get_rank() == 0:
         run_metadata = read_metadata(config.save)
@@ -142,11 +152,34 @@ def check_optimizer_layout(iteration_dir: str, saved: dict, content_metadata: di
                          f"--no-load-optim, or save with --dist-ckpt-optim-fully-reshardable")
 
 
+def newest_readable_iteration(load_dir: str) -> str:
+    """The folder of the newest saved iteration that reads, at or before the tracker's: a preempted or damaged write
+    (a truncated shard, a damaged common state or index) is skipped with a warning naming the file, as Megatron-LM
+    users expect auto-resume to recover rather than stop."""
+    from router_upcycling.mcore.checkpoint import iteration_problem
+
+    newest = iteration_dir_name(read_tracker(load_dir))
+    skipped = []
+    for name in saved_iterations(load_dir):
+        if name > newest:
+            continue  # written after the tracker's: never completed
+        problem = iteration_problem(os.path.join(load_dir, name))
+        if problem is None:
+            if skipped and dist.get_rank() == 0:
+                for skipped_name, why in skipped:
+                    log.warning("resuming from %s: skipped %s, which does not load: %s", name, skipped_name, why)
+            return os.path.join(load_dir, name)
+        skipped.append((name, problem))
+    reasons = "; ".join(f"{name}: {why}" for name, why in skipped) or "no iteration folder"
+    raise TrainError(f"--load {load_dir} holds no readable checkpoint ({reasons})")
+
+
 def load_checkpoint(config: TrainingConfig, load_dir: str, model, optimizer, scheduler) -> Tuple[int, int]:
-    """Restore what save_checkpoint wrote, resharded to this run's layout; returns (iteration, consumed samples)."""
+    """Restore what save_checkpoint wrote (its newest readable iteration), resharded to this run's layout; returns
+    (iteration, consumed samples)."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    iteration_dir = resolve_iteration_dir(load_dir)
+    iteration_dir = newest_readable_iteration(load_dir)
     common = dist_checkpointing.load_common_state_dict(iteration_dir)
     content_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     saved_layout = common["parallel_layout"]

@@ -57,7 +57,7 @@ def resolve_model_source(config: TrainingConfig) -> ModelSource:
     scratch; the settings are then checked against that model."""
     load = config.load
     if load and read_tracker(load) not in (None, RELEASE):
-        resolve_iteration_dir(load)  # the tracker must name a complete checkpoint
+        # the newest readable iteration is found when loading (train.checkpointing: a damaged one is skipped)
         source = ModelSource.from_checkpoint(load, resume=True)
     else:
         pretrained = config.pretrained_checkpoint or (load if load and read_tracker(load) == RELEASE else None)

@@ -8,7 +8,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
-from router_upcycling.mcore.checkpoint import load_model_weights
+from router_upcycling.checkpoint_folder import CheckpointError
+from router_upcycling.mcore.checkpoint import iteration_problem, load_model_weights
 from router_upcycling.mcore.parallel import current_device, default_peak_flops, initialize_distributed, memory_figures
 from router_upcycling.train.build import build_model, wrap_for_training
 from router_upcycling.train.checkpointing import (
@@ -53,6 +54,9 @@ class TrainingRun:
         torch.manual_seed(config.seed)
         self.model = build_model(config, source)
         if source.weights_dir:
+            problem = iteration_problem(source.weights_dir)
+            if problem:
+                raise CheckpointError(f"--pretrained-checkpoint {source.weights_dir} is damaged: {problem}")
             load_model_weights(self.model, source.weights_dir)
         self.train_model, self.optimizer = wrap_for_training(self.model, config)
         self.scheduler = build_scheduler(config, self.optimizer)
