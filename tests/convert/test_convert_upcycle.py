@@ -65,7 +65,8 @@ def test_mor_router_weights_come_from_attention(tmp_path, dense_models, calib_fi
     available = sum(map(len, token_chunks(read_documents(calib_file), tokenizer, 10**9, 32)))
     assert available < 300  # the one-page calibration file runs out: the checkpoint records what was used
     metadata = json.loads(open(os.path.join(checkpoint, "router_upcycling.json")).read())
-    assert metadata["calibration"] == {"tokens": available, "requested_tokens": 300, "seq_length": 32, "files": [calib_file]}
+    assert metadata["calibration"] == {"tokens": available, "requested_tokens": 300, "seq_length": 32, "files": [calib_file],
+                                       "router_init": "paper"}  # MHA: auto means the paper's init
     model, _ = load_megatron_model(checkpoint)
     dense = AutoModelForCausalLM.from_pretrained(dense_models["mha_tied"], dtype=torch.float32)
     for layer in range(2):
