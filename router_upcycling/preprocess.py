@@ -251,12 +251,18 @@ def preprocess(config: PreprocessConfig) -> List[OutputSummary]:
     if config.log_interval < 1:
         raise PreprocessError(f"--log-interval must be at least 1, got {config.log_interval}")
     files = expand_inputs(config.inputs)
+    if config.output_prefix.endswith((os.sep, "/")) or not Path(config.output_prefix).name:
+        example = os.path.join(config.output_prefix, "corpus")
+        raise PreprocessError(f"--output-prefix {config.output_prefix} names a folder, not a file-name prefix: give e.g. "
+                              f"{example} (writes {output_prefix_for(example, config.json_keys[0])}.bin/.idx)")
     prefixes = [output_prefix_for(config.output_prefix, key) for key in config.json_keys]
     for path in _existing_outputs(prefixes):
         refuse_existing(path, config.force)
     output_dir = Path(config.output_prefix).parent
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PreprocessError(f"--output-prefix {config.output_prefix}: {output_dir} is a file, not a folder")
     if not output_dir.is_dir():
-        raise PreprocessError(f"output folder {output_dir} does not exist")
+        raise PreprocessError(f"--output-prefix {config.output_prefix}: output folder {output_dir} does not exist")
 
     tokenizer = load_tokenizer(config.tokenizer)
     indexed_dataset = _indexed_dataset_module()
@@ -264,6 +270,10 @@ def preprocess(config: PreprocessConfig) -> List[OutputSummary]:
     with staging_folder(str(output_dir), ".preprocess-") as staging:
         staged = [str(Path(staging) / Path(prefix).name) for prefix in prefixes]
         summaries = _write_datasets(config, files, staged, dtype, indexed_dataset)
+        for key, summary in zip(config.json_keys, summaries):
+            if summary.documents == 0:
+                raise PreprocessError(f"--input holds no document with text under --json-keys {key} ("
+                                      f"{summary.skipped_empty} empty): refusing to write an empty dataset")
         for staged_prefix, prefix, summary in zip(staged, prefixes, summaries):
             for suffix in (".bin", ".idx"):
                 os.replace(staged_prefix + suffix, prefix + suffix)

@@ -15,8 +15,15 @@ corpus is the same on every run with the same Python version and seed (the stand
 content differs between Python versions).
 
 Held-out slice: per domain, documents are held out before training ever sees them, up to
-``heldout_chars`` characters; they serve the evaluation and the routing analysis. The rest, mixed
-and shuffled, is the training set (one JSON object per line, ``{"text": ..., "domain": ...}``).
+``heldout_chars`` characters; they serve the evaluation and the routing analysis. The rest, mixed,
+is the training set (one JSON object per line, ``{"text": ..., "domain": ...}``).
+
+Order of the training set: the domains are interleaved by characters (``interleave_domains``), so that every
+stretch of consecutive documents holds each domain in proportion to its size. Training's ``--split`` cuts the
+file by document count, and the validation split is its last few percent: a plain shuffle made that tail a
+random draw of about 136 documents whose lengths differ fourteenfold between domains (math ~110 characters,
+code ~1,500), and it came out 72% math tokens against 57% in training, the easiest domain, which put the
+validation loss about 0.5 nats below the training loss.
 """
 import ast
 import json
@@ -29,6 +36,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 DOMAINS = ("code", "prose", "math")
 MIN_DOCSTRING_CHARS = 200
 MIN_CODE_CHARS = 200
+VALID_PERCENT = 2  # training's validation split, the last 2% of the training file's documents (--split 98,2,0)
 MAX_DOCUMENT_CHARS = 4000  # longer definitions are cut: a few huge classes would otherwise dominate the code budget
 
 
@@ -181,6 +189,21 @@ def split_heldout(documents: List[str], heldout_chars: int) -> Tuple[List[str], 
     return documents, heldout
 
 
+def interleave_domains(by_domain: Dict[str, List[str]], rng: random.Random) -> List[dict]:
+    """Training rows of every domain in one list where any run of consecutive rows holds each domain's characters
+    in proportion: each domain's documents are shuffled, then all are ordered by the middle of their character span
+    as a fraction of their domain's characters."""
+    keyed = []
+    for order, (domain, texts) in enumerate(by_domain.items()):
+        texts = list(texts)
+        rng.shuffle(texts)
+        total, start = sum(map(len, texts)), 0
+        for text in texts:
+            keyed.append(((start + len(text) / 2) / total, order, {"text": text, "domain": domain}))
+            start += len(text)
+    return [row for _, _, row in sorted(keyed, key=lambda item: item[:2])]
+
+
 def write_jsonl(path: str, rows: List[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -194,16 +217,14 @@ def build_corpus(output_dir: str, sizes: CorpusSizes = CorpusSizes(), seed: int 
     Statistics: per domain, documents and characters of the train and held-out parts.
     """
     by_domain = collect_domains(sizes, seed, stdlib_dir)
-    train_rows, stats = [], {}
+    train, stats = {}, {}
     os.makedirs(os.path.join(output_dir, "heldout"), exist_ok=True)
     for domain in DOMAINS:
-        train, heldout = split_heldout(by_domain[domain], sizes.heldout_chars)
-        train_rows += [{"text": text, "domain": domain} for text in train]
+        train[domain], heldout = split_heldout(by_domain[domain], sizes.heldout_chars)
         write_jsonl(os.path.join(output_dir, "heldout", f"{domain}.jsonl"), [{"text": text} for text in heldout])
-        stats[domain] = {"train_documents": len(train), "train_chars": sum(map(len, train)),
+        stats[domain] = {"train_documents": len(train[domain]), "train_chars": sum(map(len, train[domain])),
                          "heldout_documents": len(heldout), "heldout_chars": sum(map(len, heldout))}
-    random.Random(seed + 2).shuffle(train_rows)
-    write_jsonl(os.path.join(output_dir, "train.jsonl"), train_rows)
+    write_jsonl(os.path.join(output_dir, "train.jsonl"), interleave_domains(train, random.Random(seed + 2)))
     with open(os.path.join(output_dir, "stats.json"), "w") as f:
         json.dump({"seed": seed, "stdlib": stdlib_dir, "domains": stats}, f, indent=2)
     return stats

@@ -12,25 +12,41 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from examples.quickstart.corpus import VALID_PERCENT  # noqa: E402
+from router_upcycling.routing_stats import DEAD_FRACTION  # noqa: E402
 from router_upcycling.train.metrics import read_metrics  # noqa: E402
 
 RUN_LABELS = {"vanilla": "vanilla upcycling (linear router)", "mor": "Router Upcycling (MoR)"}
 RUN_COLORS = {"vanilla": "tab:blue", "mor": "tab:red"}
 
 
+def smoothed(values: Sequence[float], window: int) -> List[float]:
+    """Trailing mean over up to `window` logged values: the trend under the batch-to-batch noise (each small batch
+    holds a different mix of easy math and hard prose)."""
+    return [statistics.mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
+
+
+def smoothing_window(num_points: int) -> int:
+    return max(1, num_points // 10)
+
+
 def plot_loss_curves(metrics_files: Dict[str, str], path: str, title: str) -> None:
-    """Training loss (lines) and validation loss (markers) of every run on one chart."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    """Training loss (raw: faint; smoothed: solid) and validation loss (markers) of every run on one chart."""
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for name, metrics_file in metrics_files.items():
         train, valid = read_metrics(metrics_file)
-        ax.plot(list(train), list(train.values()), color=RUN_COLORS.get(name), label=f"{RUN_LABELS.get(name, name)}: train")
-        ax.plot(list(valid), list(valid.values()), "o--", color=RUN_COLORS.get(name), label=f"{RUN_LABELS.get(name, name)}: validation")
+        label, color = RUN_LABELS.get(name, name), RUN_COLORS.get(name)
+        window = smoothing_window(len(train))
+        ax.plot(list(train), list(train.values()), color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(list(train), smoothed(list(train.values()), window), color=color,
+                label=f"{label}: train, trailing mean of {window}")
+        ax.plot(list(valid), list(valid.values()), "o--", color=color, label=f"{label}: validation")
     _save_loss_plot(fig, ax, path, "LM loss (nats/token)", title)
 
 
 def plot_seed_bands(curves: Dict[str, List[Dict[int, float]]], path: str, title: str) -> None:
     """Mean training loss over seeds per run, with a band of +- one standard deviation."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for name, per_seed in curves.items():
         steps = sorted(set.intersection(*(set(c) for c in per_seed)))
         means = [statistics.mean(c[s] for c in per_seed) for s in steps]
@@ -46,9 +62,59 @@ def _save_loss_plot(fig, ax, path: str, ylabel: str, title: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the data, not on it
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def weight_text(weight: float) -> str:
+    """A routing weight as the table and the heatmap both print it."""
+    return f"{weight:.2f}"
+
+
+def dead_experts(domains: Dict[str, dict]) -> List[int]:
+    """Experts whose average routing weight is under DEAD_FRACTION of a fair share in every domain (the definition
+    of `dead_experts` in router_upcycling/routing_stats.py, on weights instead of token shares)."""
+    num_experts = len(next(iter(domains.values()))["weights"])
+    return [expert for expert in range(num_experts)
+            if all(entry["weights"][expert] < DEAD_FRACTION * sum(entry["weights"]) / num_experts
+                   for entry in domains.values())]
+
+
+def plot_routing_pair(routing_jsons: Dict[str, str], models: Dict[str, str], path: str) -> None:
+    """The runs' routing heatmaps side by side on one colour scale (so equal colours are equal weights), one labelled
+    colour bar, each titled with its run and model folder; dead experts are crossed out and named on the axis."""
+    from matplotlib.patches import Rectangle
+
+    results = {}
+    for name, routing_json in routing_jsons.items():
+        with open(routing_json) as f:
+            results[name] = json.load(f)
+    highest = max(w for result in results.values() for entry in result["domains"].values() for w in entry["weights"])
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results) + 1.2, 3.2), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        domains = list(result["domains"])
+        weights = [result["domains"][d]["weights"] for d in domains]
+        dead = dead_experts(result["domains"])
+        image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=highest, aspect="auto")
+        for row, values in enumerate(weights):
+            for expert, value in enumerate(values):
+                color = "black" if value > highest / 2 else "white"  # readable on viridis' light and dark ends
+                ax.text(expert, row, weight_text(value), ha="center", va="center", color=color, fontsize=7)
+        for expert in dead:
+            ax.add_patch(Rectangle((expert - 0.5, -0.5), 1, len(domains), fill=False, edgecolor="tab:red",
+                                   hatch="xx", linewidth=1.2))
+        ax.set_xticks(range(len(weights[0])), [f"{e}\ndead" if e in dead else str(e) for e in range(len(weights[0]))])
+        for label, expert in zip(ax.get_xticklabels(), range(len(weights[0]))):
+            if expert in dead:
+                label.set_color("tab:red")
+        ax.set_yticks(range(len(domains)), domains)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{RUN_LABELS.get(name, name)}\n{models.get(name, '')}, layer {result['layer']}", fontsize=9)
+    bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02)
+    bar.set_label("average routing weight per token")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -59,16 +125,16 @@ def routing_entropy_bits(weights: Sequence[float]) -> float:
 
 
 def routing_summary(routing_json: str) -> Dict[str, dict]:
-    """{domain: {entropy_bits, top_expert, top_weight}} from a routing.json of the analysis tool."""
+    """{"domains": {domain: {entropy_bits, top_expert, top_weight}}, "dead_experts": [...]} from a routing.json of
+    the analysis tool; numbers unrounded (rounded once, where they are printed)."""
     with open(routing_json) as f:
         domains = json.load(f)["domains"]
     summary = {}
     for domain, entry in domains.items():
         weights = entry["weights"]
         top = max(range(len(weights)), key=weights.__getitem__)
-        summary[domain] = {"entropy_bits": round(routing_entropy_bits(weights), 3), "top_expert": top,
-                           "top_weight": round(weights[top], 3)}
-    return summary
+        summary[domain] = {"entropy_bits": routing_entropy_bits(weights), "top_expert": top, "top_weight": weights[top]}
+    return {"domains": summary, "dead_experts": dead_experts(domains)}
 
 
 def window_mean(curve: Dict[int, float], last_step: int, window: int) -> float:
@@ -113,12 +179,15 @@ def training_table(metrics_files: Dict[str, str]) -> str:
     return markdown_table(["run", "first logged train loss", "last logged train loss", "first val loss", "final val loss"], rows)
 
 
-def routing_table(routing: Dict[str, Dict[str, dict]]) -> str:
+def routing_table(routing: Dict[str, dict]) -> str:
     rows = []
-    for name, domains in routing.items():
-        cells = [f"{s['entropy_bits']:.2f} bits (expert {s['top_expert']}: {s['top_weight']:.2f})" for s in domains.values()]
-        rows.append([RUN_LABELS.get(name, name), *cells])
-    header = ["run"] + [f"{domain}: entropy (top expert: weight)" for domain in next(iter(routing.values()))]
+    for name, summary in routing.items():
+        cells = [f"{s['entropy_bits']:.2f} bits (expert {s['top_expert']}: {weight_text(s['top_weight'])})"
+                 for s in summary["domains"].values()]
+        dead = ", ".join(map(str, summary["dead_experts"])) or "none"
+        rows.append([RUN_LABELS.get(name, name), *cells, dead])
+    header = (["run"] + [f"{domain}: entropy (top expert: weight)" for domain in next(iter(routing.values()))["domains"]]
+              + [f"dead experts (under {DEAD_FRACTION:.0%} of a fair share in every domain)"])
     return markdown_table(header, rows)
 
 
@@ -155,6 +224,39 @@ def seeds_summary(curves: Dict[str, List[Dict[int, float]]], finals: Dict[str, L
         paired_final = [a - b for a, b in zip(finals[names[1]], finals[names[0]])]
         rows.append([f"difference {names[1]} - {names[0]} (paired by seed)", *differences, mean_std(paired_final)])
     return markdown_table(header, rows)
+
+
+def split_mix(train_jsonl: str, valid_percent: float) -> Dict[str, Dict[str, float]]:
+    """{"train"|"validation": {domain: share of characters}} of the training file cut as training's --split cuts it:
+    by document count, the validation split being the documents after the first (100 - valid_percent)%."""
+    with open(train_jsonl, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    cut = int(round((100 - valid_percent) / 100 * len(rows)))
+    mix = {}
+    for part, part_rows in (("train", rows[:cut]), ("validation", rows[cut:])):
+        chars: Dict[str, int] = {}
+        for row in part_rows:
+            chars[row["domain"]] = chars.get(row["domain"], 0) + len(row["text"])
+        mix[part] = {domain: count / max(1, sum(chars.values())) for domain, count in sorted(chars.items())}
+    return mix
+
+
+def validation_note(mix: Dict[str, Dict[str, float]], valid_percent: float, global_batch_size: int) -> str:
+    """Why the validation loss can be read against the training loss, and what it does not measure."""
+    shares = {part: ", ".join(f"{domain} {share:.0%}" for domain, share in domains.items()) for part, domains in mix.items()}
+    return (f"Validation is the last {valid_percent:g}% of the training file's documents (`--split "
+            f"{100 - valid_percent:g},{valid_percent:g},0`, which megatron-core cuts by document count). The corpus "
+            "interleaves the domains by characters, so that tail holds them as training does (characters: validation "
+            f"{shares['validation']}; training {shares['train']}). With a plain shuffle it did not: in the demo's sizes its "
+            "136 documents came out 72% math tokens against 57% in training (math documents are ~110 characters, code "
+            "ones ~1,500, so a few documents swing the mix), and math is by far the easiest domain (the dense model's "
+            "loss: ~1.3 nats on math, ~4.4-5.5 on code and prose), which put the validation loss about 0.5 nats below "
+            "the training loss (dense model: 2.34 against 2.90) without any model being better on it. What is left: a "
+            f"logged training loss is the mean over its step's batch of {global_batch_size} sequences, measured before that step's "
+            "update, so the raw curve (faint) swings with each batch's domain mix; the solid line is its trailing "
+            "mean. The validation documents were also in the dense model's pretraining text, as were the training "
+            "ones: validation follows the continued training, not generalisation to unseen text, which the "
+            "held-out evaluation below measures.")
 
 
 def corpus_section(stats: dict) -> str:
@@ -215,7 +317,10 @@ def write_quickstart_report(layout, settings, seeds: Sequence[int], timings: Dic
     metrics = {name: str(layout.trained(name, main_seed) / "metrics.jsonl") for name in RUN_LABELS}
     plot_loss_curves(metrics, str(layout.root / "loss_curves.png"), f"continued training after upcycling (seed {main_seed})")
     evaluation = json.loads(layout.evaluation.read_text())
-    routing = {name: routing_summary(str(layout.routing(name) / "routing.json")) for name in RUN_LABELS}
+    routing_jsons = {name: str(layout.routing(name) / "routing.json") for name in RUN_LABELS}
+    routing = {name: routing_summary(path) for name, path in routing_jsons.items()}
+    plot_routing_pair(routing_jsons, {name: os.path.relpath(layout.exported(name), layout.root) for name in RUN_LABELS},
+                      str(layout.root / "routing.png"))
     dense = json.loads((layout.dense / "pretrain_settings.json").read_text())
     calibration = json.loads((layout.upcycled("mor", main_seed) / "router_upcycling.json").read_text())["calibration"]
     pretrain_log = [json.loads(line) for line in (layout.dense / "pretrain_log.jsonl").read_text().splitlines()]
@@ -234,15 +339,18 @@ def write_quickstart_report(layout, settings, seeds: Sequence[int], timings: Dic
         "Corpus": corpus_section(json.loads((layout.corpus / "stats.json").read_text())),
         "Models": models_section(dense, settings, pretrain_log[-1]["loss"], calibration),
         "Upcycling check (`convert_checkpoint.py verify`)": verify,
-        "Continued training": training_table(metrics) + "\n\n![loss curves](loss_curves.png)",
+        "Continued training": (training_table(metrics) + "\n\n![loss curves](loss_curves.png)\n\n"
+                               + validation_note(split_mix(str(layout.train_jsonl), VALID_PERCENT), VALID_PERCENT,
+                                                 settings.global_batch_size)),
         "Held-out evaluation": ("Next-token loss (nats/token), perplexity and accuracy on the held-out documents of each "
                                 f"domain, sequences of {settings.dense.seq_length} tokens, up to {settings.eval_tokens:,} "
                                 "tokens per domain (`examples/quickstart/evaluate.py`).\n\n" + evaluation_table(evaluation)),
         "Routing diversity (`python -m router_upcycling.analyze routing`)": (
             "Average routing weight of each expert per domain at the last layer (the paper's Figure 5). Entropy of each "
-            "domain's average weights: 3 bits = uniform over 8 experts; lower = more uneven routing.\n\n"
-            + routing_table(routing) + "\n\n| vanilla upcycling | Router Upcycling |\n|---|---|\n"
-            "| ![vanilla routing](routing/vanilla/routing.png) | ![MoR routing](routing/mor/routing.png) |"),
+            "domain's average weights: 3 bits = uniform over 8 experts; lower = more uneven routing. A dead expert "
+            f"gets under {DEAD_FRACTION:.0%} of a fair share of the weight in every domain (crossed out in red on the "
+            "heatmaps, which share one colour scale). Each analysis's own plot: `routing/<run>/routing.png`.\n\n"
+            + routing_table(routing) + "\n\n![routing of both runs](routing.png)"),
     }
     if len(seeds) > 1:
         sections["Seeds"] = seeds_section(layout, settings, seeds)

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from examples.quickstart.corpus import DOMAINS, CorpusSizes, build_corpus
+from examples.quickstart.corpus import DOMAINS, VALID_PERCENT, CorpusSizes, build_corpus
 from examples.quickstart.pretrain_dense import DenseSettings
 from router_upcycling.cli import user_errors
 from router_upcycling.errors import UserError
@@ -268,7 +268,7 @@ class Pipeline:
         s = self.settings
         flags = ["--pretrained-checkpoint", str(self.layout.upcycled_run(run, seed)), "--load", str(save), "--save", str(save),
                  "--data-path", str(self.layout.data_prefix), "--data-cache-path", str(self.layout.data / "cache"),
-                 "--split", "98,2,0", "--seq-length", str(s.dense.seq_length), "--micro-batch-size", str(s.micro_batch_size),
+                 "--split", f"{100 - VALID_PERCENT},{VALID_PERCENT},0", "--seq-length", str(s.dense.seq_length), "--micro-batch-size", str(s.micro_batch_size),
                  "--global-batch-size", str(s.global_batch_size), "--train-iters", str(s.train_iters), "--lr", str(s.lr),
                  "--lr-warmup-iters", str(s.lr_warmup_iters), "--seed", str(seed), "--log-interval", str(s.log_interval),
                  "--eval-interval", str(s.eval_interval), "--eval-iters", str(s.eval_iters), *run.train_flags]

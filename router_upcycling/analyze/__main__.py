@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Optional
 
 from router_upcycling.analyze.errors import AnalysisError
 from router_upcycling.cli import OneLineErrorParser, run_command
+from router_upcycling.files import read_json_object
 from router_upcycling.outputs import refuse_existing, staged_output
 from router_upcycling.text import read_documents, token_chunks
 
@@ -71,7 +72,10 @@ def parse_domains(specs: List[str]) -> Dict[str, str]:
 
 def check_output(path: Path, force: bool) -> None:
     refuse_existing(str(path), force)
-    if not path.resolve().parent.is_dir():
+    parent = path.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise AnalysisError(f"--output {path}: its parent {parent} is a file")
+    if not parent.is_dir():
         raise AnalysisError(f"folder of --output does not exist: {path.parent}")
 
 
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> None:
     check_output(output, args.force)
     if not Path(args.model, "config.json").is_file():
         raise AnalysisError(f"not a Hugging Face model folder (no config.json): {args.model}")
+    read_json_object(str(Path(args.model, "config.json")), AnalysisError)
     if args.command == "routing":
         domain_files = parse_domains(args.domain)
         documents = {name: read_documents(path, args.json_key) for name, path in domain_files.items()}
@@ -127,8 +132,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 def check_and_run(args: argparse.Namespace) -> None:
     for name in ("max_tokens", "seq_length", "batch_size"):
         if getattr(args, name) < 1:
-            raise AnalysisError(f"--{name.replace('_', '-')} must be at least 1")
+            raise AnalysisError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.dtype not in DTYPES:
+        raise AnalysisError(f"unknown --dtype {args.dtype!r}; use {', '.join(DTYPES)}")
     run(args)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 if __name__ == "__main__":

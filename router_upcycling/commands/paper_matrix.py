@@ -20,7 +20,7 @@ from router_upcycling.cli import OneLineErrorParser, user_errors
 from router_upcycling.paper import slurm
 from router_upcycling.paper.inputs import check_inputs, inputs_from_arguments
 from router_upcycling.paper.matrix import RunLayout, advance_run, check_started_with, show_commands, status_line
-from router_upcycling.paper.recipes import RUN_NAMES, check_run_names, load_recipe
+from router_upcycling.paper.recipes import RUN_NAMES, RecipeError, check_run_names, load_recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors():
+        if args.train_iters is not None and args.train_iters < 1:
+            raise RecipeError(f"--train-iters must be at least 1, got {args.train_iters}")
         names = check_run_names(args.runs)
-        overrides = [*args.set, *([f"train.train-iters={args.train_iters}"] if args.train_iters else [])]
+        overrides = [*args.set, *([f"train.train-iters={args.train_iters}"] if args.train_iters is not None else [])]
         recipes = [load_recipe(name, args.profile, overrides) for name in names]
         inputs = inputs_from_arguments(args.dense_model, args.calib_data, args.data_path, args.output_root,
                                        args.eval_data_dir, args.routing_domain)

@@ -1,5 +1,7 @@
 """Check that an upcycled MoE checkpoint computes what its dense source computes (method.md part 1)."""
 import dataclasses
+import logging
+import os
 
 import torch
 
@@ -9,6 +11,39 @@ from router_upcycling.settings.architecture import read_dense_model
 
 
 LONG_SEQUENCE = 2048  # verify's long sequence, or the model's maximum when that is shorter
+# config.json entries that say how a folder was saved, not what the model computes
+BOOKKEEPING_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures")
+
+log = logging.getLogger("router_upcycling.verify")
+
+
+def differing_config_fields(recorded: dict, given: dict) -> list:
+    """The config.json fields (bookkeeping left out) whose values differ between two configs, sorted."""
+    keys = (set(recorded) | set(given)) - set(BOOKKEEPING_KEYS)
+    return sorted(key for key in keys if recorded.get(key) != given.get(key))
+
+
+def check_source(hf_model: str, checkpoint: str) -> None:
+    """ConversionError when --hf-model is not the dense model --checkpoint was upcycled from, naming the config.json
+    fields that differ from those its router_upcycling.json recorded and the recorded source; a warning when the
+    architecture agrees but the folder or other fields do not (the logits then say whether the weights agree)."""
+    given_config, given_arch = read_dense_model(hf_model)
+    metadata, recorded_arch, _ = read_checkpoint_settings(checkpoint)
+    source = metadata.get("source_model", "not recorded")
+    fields = differing_config_fields(metadata["hf_config"], given_config)
+    if given_arch != recorded_arch:
+        arch_fields = [field.name for field in dataclasses.fields(given_arch)
+                       if getattr(given_arch, field.name) != getattr(recorded_arch, field.name)]
+        listed = ", ".join(f"{key} {metadata['hf_config'].get(key)!r} recorded vs {given_config.get(key)!r}"
+                           for key in fields[:6]) or ", ".join(arch_fields)
+        raise ConversionError(f"--hf-model {hf_model} is not the dense model --checkpoint {checkpoint} was upcycled "
+                              f"from ({source}): {listed}")
+    if fields:
+        log.warning("--hf-model %s differs from the checkpoint's recorded source %s in config.json fields %s",
+                    hf_model, source, ", ".join(fields))
+    elif source != os.path.abspath(hf_model):
+        log.warning("--hf-model %s is not the checkpoint's recorded source %s (same architecture); a logit difference "
+                    "may mean other weights", hf_model, source)
 
 
 @dataclasses.dataclass
@@ -76,6 +111,10 @@ def verify(hf_model: str, checkpoint: str, num_sequences: int = 4, seq_length: i
     from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
     from router_upcycling.mcore.parallel import current_device
 
+    try:
+        check_source(hf_model, checkpoint)
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from None
     _, arch = read_dense_model(hf_model)
     model, metadata = load_megatron_model(checkpoint)
     device = current_device()

@@ -8,7 +8,7 @@ from router_upcycling.cli import OneLineErrorParser, run_command
 
 from router_upcycling.eval.report import markdown_table, paper_reference_columns, result_column
 from router_upcycling.eval.runner import MC_METRICS, EvalSettings, check_model_dir, run_suite, write_json_atomic
-from router_upcycling.eval.tasks import SUITE, check_hub_reachable, check_mirror, resolve_tasks
+from router_upcycling.eval.tasks import SUITE, EvalError, check_hub_reachable, check_mirror, resolve_tasks
 from router_upcycling.hf.loading import check_vocabulary
 from router_upcycling.outputs import refuse_existing
 
@@ -83,6 +83,9 @@ def run(args) -> None:
     check_model_dir(args.model)
     if args.output:
         refuse_existing(args.output, args.force)
+        parent = Path(args.output).resolve().parent
+        if parent.exists() and not parent.is_dir():
+            raise EvalError(f"--output {args.output}: its parent {parent} is a file")
     if args.data_dir:
         check_mirror(Path(args.data_dir), tasks, args.num_fewshot)
     else:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from router_upcycling.eval.report import group_scores
+from router_upcycling.files import read_json_object
 from router_upcycling.outputs import write_text_atomic
 from router_upcycling.hf.loading import experts_kwargs
 from router_upcycling.eval.tasks import OUR_TASKS_DIR, EvalError, SuiteTask, write_offline_overrides
@@ -45,6 +46,7 @@ class EvalSettings:
 def check_model_dir(model_dir: str) -> None:
     if not Path(model_dir, "config.json").is_file():
         raise EvalError(f"not a Hugging Face model folder (no config.json): {model_dir}")
+    read_json_object(str(Path(model_dir, "config.json")), EvalError)
 
 
 def default_device() -> str:

@@ -4,19 +4,25 @@ from typing import Optional
 from router_upcycling.errors import UserError
 
 
-def check_vocabulary(model_dir: str, trust_remote_code: bool = True) -> None:
-    """The folder's tokenizer must not make ids its model has no embedding for (an IndexError deep inside torch)."""
-    import json
+def check_tokenizer_fits(tokenizer, vocab_size, model_dir: str) -> None:
+    """The tokenizer must not make ids the model has no embedding for (an IndexError deep inside torch)."""
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise UserError(f"{model_dir}: its tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} "
+                        "embeddings; the tokenizer belongs to another model")
+
+
+def check_vocabulary(model_dir: str, trust_remote_code: bool = True):
+    """The folder's tokenizer, once it is known to fit the folder's model (check_tokenizer_fits)."""
     import os
 
     from transformers import AutoTokenizer
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        vocab_size = (json.load(f) or {}).get("vocab_size")
+    from router_upcycling.files import read_json_object
+
+    config = read_json_object(os.path.join(model_dir, "config.json"), UserError)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
-        raise UserError(f"{model_dir}: its tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} "
-                        "embeddings; the tokenizer belongs to another model")
+    check_tokenizer_fits(tokenizer, config.get("vocab_size"), model_dir)
+    return tokenizer
 
 
 def experts_kwargs(device: Optional[str]) -> dict:

@@ -188,6 +188,7 @@ def load_recipe(name: str, profile: Optional[str] = None, overrides: Sequence[st
     train = merge(read_train_config(data["train-config"]) if data.get("train-config") else {}, data.get("train") or {})
     if "train-iters" not in train:
         raise RecipeError(f"recipe {name}: no train-iters")
+    check_train_numbers(name, train)
     slurm = data.get("slurm") or {}
     unknown = sorted(set(slurm) - set(STAGES))
     if unknown:
@@ -198,6 +199,17 @@ def load_recipe(name: str, profile: Optional[str] = None, overrides: Sequence[st
         slurm={stage: [str(option) for option in slurm.get(stage) or []] for stage in STAGES},
         train_processes_per_node=data.get("train-processes-per-node"),
     )
+
+
+def check_train_numbers(name: str, train: Dict[str, Any]) -> None:
+    """The training numbers every run needs right, whether its recipe, the profile or --set gave them."""
+    iters, lr = train["train-iters"], train.get("lr")
+    lr = float(lr) if isinstance(lr, str) and is_number(lr) else lr  # YAML 1.1 reads 1e-4 (no dot) as text
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise RecipeError(f"recipe {name}: train-iters must be an integer of at least 1, got {iters!r} "
+                          "(--train-iters or --set train.train-iters)")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise RecipeError(f"recipe {name}: train lr must be a positive number, got {lr!r} (--set train.lr)")
 
 
 def flag_argv(flags: Dict[str, Any]) -> List[str]:

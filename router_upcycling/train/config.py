@@ -196,12 +196,37 @@ class TrainingConfig:
             raise TrainError("give --lr-warmup-iters or --lr-warmup-fraction, not both")
         if self.lr_warmup_fraction is not None and not 0 <= self.lr_warmup_fraction < 1:
             raise TrainError("--lr-warmup-fraction must be in [0, 1)")
+        if not self.lr > 0:
+            raise TrainError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise TrainError("--min-lr must be between 0 and --lr")
         if self.locmoe_locality_coeff < 0:
             raise TrainError("--locmoe-locality-coeff must be at least 0")
         if any(not 0 < f < 1 for f in self.lr_step_decay_fractions):
             raise TrainError("--lr-step-decay-fractions must lie strictly between 0 and 1")
+        self._check_numbers()
+        check_split(self.split)
+        if self.save:
+            parent = os.path.dirname(os.path.abspath(self.save))
+            if os.path.exists(parent) and not os.path.isdir(parent):
+                raise TrainError(f"--save {self.save}: its parent {parent} is a file")
+
+    def _check_numbers(self) -> None:
+        """The limits of the numbers check() does not cover with a rule of its own (name, least value, whether the
+        least value itself is allowed); None is allowed where the field's default is None."""
+        limits = (("eval_iters", 0, True), ("lr_warmup_iters", 0, True), ("save_interval", 1, True),
+                  ("exit_interval", 1, True), ("recompute_num_layers", 1, True), ("clip_grad", 0, True),
+                  ("weight_decay", 0, True), ("adam_beta1", 0, True), ("adam_beta2", 0, True), ("adam_eps", 0, False),
+                  ("init_method_std", 0, False), ("lr_step_decay_factor", 0, False), ("moe_aux_loss_coeff", 0, True),
+                  ("moe_z_loss_coeff", 0, True), ("peak_flops", 0, False))
+        for name, least, inclusive in limits:
+            value = getattr(self, name)
+            if value is not None and (value < least if inclusive else value <= least):
+                bound = f"at least {least}" if inclusive else f"above {least}"
+                raise TrainError(f"{flag_of(name)} must be {bound}, got {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if getattr(self, name) >= 1:
+                raise TrainError(f"{flag_of(name)} must be below 1, got {getattr(self, name)}")
 
     def on_this_machine(self) -> "TrainingConfig":
         """The config with the layer implementation chosen (Transformer Engine where it imports and CUDA is present,
@@ -227,9 +252,26 @@ class TrainingConfig:
         return cls(**values)
 
 
+def check_split(split: str) -> None:
+    """--split as megatron-core reads it: up to three non-negative proportions, train,validation,test, with some
+    share for training."""
+    try:
+        shares = [float(part) for part in str(split).split(",")]
+    except ValueError:
+        shares = []
+    if not shares or len(shares) > 3 or any(share < 0 for share in shares) or shares[0] <= 0:
+        raise TrainError(f"--split must be up to three comma-separated proportions train,validation,test with a "
+                         f"positive training share, e.g. 969,30,1; got {split!r}")
+
+
 def check_data_files(data_path: List[str]) -> None:
     """Every dataset prefix of --data-path (a list of prefixes, or a weighted blend '0.3 A 0.7 B', read as
     megatron-core's get_blend_from_list reads it) has its .bin and .idx files."""
+    data_prefixes(data_path)
+
+
+def data_prefixes(data_path: List[str]) -> List[str]:
+    """The dataset prefixes of --data-path, each checked to have its .bin and .idx files (check_data_files)."""
     prefixes = data_path
     if len(data_path) > 1 and len(data_path) % 2 == 0:
         try:
@@ -237,10 +279,12 @@ def check_data_files(data_path: List[str]) -> None:
         except ValueError:
             raise TrainError("--data-path blend must alternate weights and prefixes: '0.3 PREFIX_A 0.7 PREFIX_B'") from None
         prefixes = data_path[1::2]
+    prefixes = [prefix.strip() for prefix in prefixes]
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix.strip() + suffix):
+            if not os.path.isfile(prefix + suffix):
                 raise TrainError(f"dataset file not found: {prefix + suffix} (--data-path takes prefixes of .bin/.idx pairs)")
+    return prefixes
 
 
 def flag_of(field: str) -> str:
@@ -277,14 +321,44 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
             raise TrainError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise TrainError(f"config {path} must be a mapping of flag names to values")
-    known = {action.dest for action in parser._actions}
+    actions = {action.dest: action for action in parser._actions}
     defaults = {}
     for key, value in values.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
+        if dest not in actions or dest in ("help", "config"):
             raise TrainError(f"config {path}: unknown key {key!r} (keys are this command's flag names)")
-        defaults[dest] = value
+        defaults[dest] = yaml_value(f"config {path}: {key}", value, actions[dest])
     return defaults
+
+
+def yaml_value(where: str, value, action: argparse.Action):
+    """A --config value as its flag's parser would hold it (argparse converts only text defaults); TrainError
+    naming the key when YAML gave it the wrong type."""
+    if value is None:
+        if action.default is not None:
+            raise TrainError(f"{where} needs a value (it has no 'none')")
+        return None
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise TrainError(f"{where} must be true or false, got {value!r}")
+        return value
+    if action.nargs == "+":
+        return [_yaml_scalar(where, item, action) for item in (value if isinstance(value, list) else [value])]
+    return _yaml_scalar(where, value, action)
+
+
+def _yaml_scalar(where: str, value, action: argparse.Action):
+    kind = action.type or str
+    wanted = {int: "an integer", float: "a number", str: "text"}[kind]
+    if isinstance(value, (bool, list, dict)) or (kind is int and isinstance(value, float)):
+        raise TrainError(f"{where} must be {wanted}, got {value!r}")
+    try:
+        value = kind(value)  # YAML 1.1 reads 1e-4 (no dot) as text
+    except ValueError:
+        raise TrainError(f"{where} must be {wanted}, got {value!r}") from None
+    if action.choices and value not in action.choices:
+        raise TrainError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
 
 
 def parse_args(argv: Optional[List[str]] = None, on_this_machine: bool = True) -> TrainingConfig:

@@ -12,7 +12,8 @@ from typing import Dict, Iterator, List
 
 import torch
 
-from router_upcycling.train.config import TrainError, TrainingConfig, check_data_files
+from router_upcycling.train.config import TrainError, TrainingConfig, check_data_files, data_prefixes
+from router_upcycling.train.indexed import read_index_header, split_document_counts
 
 
 class MegatronTokenizerAdapter:
@@ -67,6 +68,7 @@ def build_datasets(config: TrainingConfig, tokenizer: MegatronTokenizerAdapter, 
     )
     eval_samples = config.eval_iters * config.global_batch_size
     sizes = [config.train_iters * config.global_batch_size, eval_samples, 0]
+    check_split_documents(config, dataset_config.split_matrix)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_config).build()
     except (AssertionError, ValueError) as err:
@@ -76,6 +78,18 @@ def build_datasets(config: TrainingConfig, tokenizer: MegatronTokenizerAdapter, 
     if valid is not None and len(valid) == 0:
         valid = None
     return train, valid
+
+
+def check_split_documents(config: TrainingConfig, split_matrix) -> None:
+    """Every split --split gives a share gets at least one document of every dataset: megatron-core's builder builds
+    each such split, even one no samples are asked of, and loops forever looking for the tokens of an empty one."""
+    for prefix in data_prefixes(config.data_path):
+        documents = read_index_header(prefix).sequence_count
+        counts = split_document_counts(split_matrix, documents)
+        for name, bounds, count in zip(("training", "validation", "test"), split_matrix, counts):
+            if bounds is not None and count == 0:
+                raise TrainError(f"--split {config.split} gives the {name} split none of the {documents} documents "
+                                 f"of {prefix}: give it a larger share, more documents, or 0 to leave it out")
 
 
 def microbatch_indices(consumed_samples: int, global_batch_size: int, micro_batch_size: int,

@@ -11,6 +11,7 @@ from router_upcycling.errors import SettingError
 from router_upcycling.settings.architecture import Architecture, read_dense_model
 from router_upcycling.settings.moe import MoESettings
 from router_upcycling.train.config import TrainError, TrainingConfig, flag_of
+from router_upcycling.train.indexed import check_token_ids
 
 # MoESettings' fields and the training flags that set them (--from-scratch)
 MOE_FLAGS = {"num_experts": "--num-experts", "topk": "--moe-router-topk", "router": "--moe-router-type",
@@ -54,7 +55,7 @@ def from_scratch(config: TrainingConfig) -> ModelSource:
 
 def resolve_model_source(config: TrainingConfig) -> ModelSource:
     """Resume from --load when it holds a training checkpoint, else start from the pretrained checkpoint or from
-    scratch; the settings are then checked against that model."""
+    scratch; the settings and the data's token ids are then checked against that model."""
     load = config.load
     if load and read_tracker(load) not in (None, RELEASE):
         # the newest readable iteration is found when loading (train.checkpointing: a damaged one is skipped)
@@ -69,6 +70,7 @@ def resolve_model_source(config: TrainingConfig) -> ModelSource:
             raise CheckpointError(f"--load {load} holds no checkpoint; add --pretrained-checkpoint or --from-scratch "
                                   "to start a run")
     check_fits_model(config, source)
+    check_token_ids(config.data_path, source.arch.vocab_size)
     return source
 
 

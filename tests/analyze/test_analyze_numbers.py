@@ -155,12 +155,18 @@ def test_analyze_bad_inputs_fail_with_one_line(tiny, tmp_path, capsys):
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "config.json").write_text("[]")
     for expected, args in {
         "no MoE layers": ["health", "--model", str(root / "dense"), "--data", data, "--output", str(tmp_path / "b")],
         "not an MoE layer": ["routing", "--model", str(root / "moe"), "--domain", f"X={data}", "--layer", "7", "--output", str(tmp_path / "c")],
         "none.jsonl: no such file": ["health", "--model", str(root / "moe"), "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "d")],
         "no string field 'text'": ["load", "--model", str(root / "moe"), "--data", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "e")],
         "NAME=FILE": ["routing", "--model", str(root / "moe"), "--domain", data, "--output", str(tmp_path / "f")],
+        "unknown --dtype 'fp8'": ["load", "--model", str(root / "moe"), "--data", data, "--dtype", "fp8", "--output", str(tmp_path / "g")],
+        f"--output {tmp_path / 'rows.jsonl' / 'h'}: its parent {tmp_path / 'rows.jsonl'} is a file": [
+            "load", "--model", str(root / "moe"), "--data", data, "--output", str(tmp_path / "rows.jsonl" / "h")],
+        "must hold a JSON object, not list": ["load", "--model", str(tmp_path / "listed"), "--data", data, "--output", str(tmp_path / "i")],
     }.items():
         message = run_in_process(capsys, *args)
         assert message.startswith("error: ") and expected in message and "\n" not in message, message
@@ -171,4 +177,4 @@ def test_analyze_bad_inputs_fail_with_one_line(tiny, tmp_path, capsys):
         assert result.returncode != 0 and result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert (existing / "keep.txt").read_text() == "mine"
-    assert not any((tmp_path / name).exists() for name in "abcdef")
+    assert not any((tmp_path / name).exists() for name in "abcdefgi")

@@ -11,7 +11,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # examples/ is not an installed package; it runs from the repository root
 
-from examples.quickstart.corpus import CorpusSizes, build_corpus  # noqa: E402
+from examples.quickstart.corpus import CorpusSizes, build_corpus, interleave_domains  # noqa: E402
 
 
 def run_quickstart(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -30,9 +30,11 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_the_report_with_plots_and_tables(smoke_run):
     output, stdout = smoke_run
     report = (output / "report.md").read_text()
-    for png in ("loss_curves.png", "routing/vanilla/routing.png", "routing/mor/routing.png"):
+    for png in ("loss_curves.png", "routing.png", "routing/vanilla/routing.png", "routing/mor/routing.png"):
         assert (output / png).stat().st_size > 1000
-        assert png in report
+    assert "](loss_curves.png)" in report and "](routing.png)" in report
+    assert "dead experts (under 10% of a fair share in every domain)" in report
+    assert "Validation is the last 2% of the training file's documents (`--split 98,2,0`" in report
     for heading in ("## Corpus", "## Continued training", "## Held-out evaluation", "## Routing diversity", "## Time per stage"):
         assert heading in report
     assert report.count(": OK") == 2  # both upcycled checkpoints computed the dense model's logits
@@ -92,3 +94,16 @@ def test_corpus_is_deterministic_and_keeps_heldout_documents_out_of_training(tmp
     math_line = next(row["text"] for row in train if row["domain"] == "math").splitlines()[0]
     left, right = math_line.split(" = ")
     assert eval(left) == int(right)  # the equations are correct
+
+
+def test_any_stretch_of_the_training_file_holds_the_domains_in_proportion():
+    """Training's --split cuts the file by document count: its validation tail must hold what training holds, even
+    when one domain's documents are ten times longer than another's."""
+    import random
+
+    rows = interleave_domains({"short": ["s" * 10] * 500, "long": ["l" * 100] * 50}, random.Random(0))
+    assert len(rows) == 550
+    for start in (0, 275, 539):
+        stretch = rows[start:start + 11]  # 2% of the documents
+        chars = {domain: sum(len(r["text"]) for r in stretch if r["domain"] == domain) for domain in ("short", "long")}
+        assert chars["long"] in (100, 200) and 50 <= chars["short"] <= 150, chars

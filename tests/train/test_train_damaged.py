@@ -1,7 +1,6 @@
 """A damaged newest checkpoint (a preempted write, a truncated shard, a broken common state or index): training's
 auto-resume falls back to the newest readable iteration and says which it skipped and why; export names the file and
 the iterations that do read, and takes --iteration."""
-import json
 import shutil
 import subprocess
 import sys

@@ -178,3 +178,21 @@ def test_cli_malformed_line_is_one_line_error(tokenizer_dir, tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == ["error: docs.jsonl:3: malformed JSON at column 10: Unterminated string starting at"]
     assert os.listdir(tmp_path) == ["docs.jsonl"]
+
+
+def test_an_input_without_text_is_not_written_as_an_empty_dataset(tokenizer_dir, tmp_path):
+    empty = write_jsonl(tmp_path / "empty.jsonl", documents=["", ""])
+    with pytest.raises(PreprocessError, match="--input holds no document with text under --json-keys text \\(2 empty\\): "
+                                              "refusing to write an empty dataset"):
+        run(tokenizer_dir, [empty], tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl"]
+
+
+def test_an_output_prefix_that_names_a_folder_is_refused(tokenizer_dir, tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl")
+    with pytest.raises(PreprocessError, match=f"--output-prefix {tmp_path}/ names a folder, not a file-name prefix: "
+                                              f"give e.g. {tmp_path}/corpus \\(writes {tmp_path}/corpus_text_document"):
+        run(tokenizer_dir, [docs], f"{tmp_path}/")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PreprocessError, match=f"--output-prefix {tmp_path}/file/corpus: {tmp_path}/file is a file"):
+        run(tokenizer_dir, [docs], tmp_path / "file" / "corpus")
