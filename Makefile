@@ -10,8 +10,9 @@ PY_LATEST := $(VENV_LATEST)/bin/python
 # pytest-xdist workers: the suite keeps about one core busy on its own, so two workers use a 2-core machine;
 # each test file runs on one worker, and the Slurm test modules take turns (tests/slurm_cluster.py)
 TEST_WORKERS ?= 2
-# the tests that touch megatron-core: router, model, converter, training, export, self-check
-MCORE_TESTS := tests/test_mor_math.py tests/settings tests/mcore tests/convert tests/train tests/hf tests/test_selfcheck.py
+# the tests that touch megatron-core: router, model, converter, training, export, self-check, Megatron-LM trainer
+MCORE_TESTS := tests/test_mor_math.py tests/settings tests/mcore tests/convert tests/train tests/hf tests/test_selfcheck.py \
+	tests/megatron_lm
 
 .PHONY: setup test demo clean setup-latest test-latest
 

@@ -33,12 +33,36 @@ def iteration_dir_name(iteration) -> str:
     return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
 
 
+# the attribute of Megatron-LM's saved `args` that holds our metadata: the --spec sets it (router_upcycling.megatron_lm),
+# so a --save folder of a user's own pretrain_gpt.py, which has no router_upcycling.json, still says what it holds
+ARGS_METADATA = "router_upcycling"
+
+
+def metadata_from_megatron_lm_args(checkpoint_dir: str) -> Optional[dict]:
+    """Our metadata as the newest checkpoint's Megatron-LM `args` carry it, or None."""
+    tracker = read_tracker(checkpoint_dir)
+    if tracker is None:
+        return None
+    try:
+        from router_upcycling.mcore.checkpoint import common_state
+
+        args = common_state(os.path.join(checkpoint_dir, iteration_dir_name(tracker))).get("args")
+    except Exception:  # no megatron-core here, or an unreadable checkpoint: not one we can describe
+        return None
+    metadata = getattr(args, ARGS_METADATA, None)
+    return dict(metadata) if isinstance(metadata, dict) else None
+
+
 def read_metadata(checkpoint_dir: str) -> dict:
     path = os.path.join(checkpoint_dir, METADATA_FILE)
     if not os.path.isdir(checkpoint_dir):
         raise CheckpointError(f"checkpoint folder not found: {checkpoint_dir}")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{checkpoint_dir} is not a Router Upcycling checkpoint (no {METADATA_FILE})")
+        metadata = metadata_from_megatron_lm_args(checkpoint_dir)
+        if metadata is None:
+            raise CheckpointError(f"{checkpoint_dir} is not a Router Upcycling checkpoint (no {METADATA_FILE}, and no "
+                                  "Megatron-LM checkpoint trained with our --spec)")
+        return metadata
     metadata = read_json_object(path, CheckpointError)
     if "hf_config" not in metadata or "moe" not in metadata:
         raise CheckpointError(f"{path} is damaged: it lacks the hf_config or moe block")

@@ -3,6 +3,7 @@
   upcycle  dense HF checkpoint -> megatron-core MoE checkpoint (Router Upcycling or a baseline)
   verify   check that an upcycled checkpoint computes the dense model's logits
   export   Megatron MoE checkpoint -> Hugging Face folder (`mor` remote code, or the family's stock MoE)
+  megatron-args  the Megatron-LM flags of a checkpoint's architecture (for pretrain_gpt.py --spec ...)
 
 Every setting is checked before torch, transformers and megatron-core are imported: a refused command takes a
 fraction of a second.
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--iteration", type=int, default=None, help="iteration to export; default: the latest complete one")
     exp.add_argument("--dtype", choices=STORAGE_DTYPE_NAMES, default="bf16", help="dtype of the written weights")
     exp.add_argument("--force", action="store_true", help="replace --output if it exists")
+
+    margs = commands.add_parser("megatron-args", help="print the Megatron-LM flags of a checkpoint's architecture",
+                                description="Print the Megatron-LM flags that describe a checkpoint of ours (upcycled, "
+                                "or a training --save folder): the architecture, the MoE and our layer spec "
+                                "(--spec router_upcycling.megatron_lm.spec layer_spec), for pretrain_gpt.py. "
+                                "python -m router_upcycling.megatron_lm adds them itself.")
+    margs.add_argument("--checkpoint", required=True, help="checkpoint folder (holding router_upcycling.json)")
     return parser
 
 
@@ -105,6 +113,12 @@ def run_upcycle(args) -> int:
 
     path = upcycle(args.hf_model, args.output, moe, calib, dtype=args.dtype, seed=args.seed, force=args.force)
     print(f"wrote {path}")
+    from router_upcycling.checkpoint_folder import read_checkpoint_settings
+    from router_upcycling.megatron_lm.flags import format_flags, megatron_flags
+
+    _, arch, moe = read_checkpoint_settings(path)
+    print("Megatron-LM flags of its architecture (pretrain_gpt.py; python -m router_upcycling.megatron_lm adds them):")
+    print(format_flags(megatron_flags(arch, moe)))
     return 0
 
 
@@ -141,9 +155,19 @@ def run_export(args) -> int:
     return 0
 
 
+def run_megatron_args(args) -> int:
+    from router_upcycling.checkpoint_folder import read_checkpoint_settings
+    from router_upcycling.megatron_lm.flags import format_flags, megatron_flags
+
+    _, arch, moe = read_checkpoint_settings(args.checkpoint)
+    print(format_flags(megatron_flags(arch, moe)))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"upcycle": run_upcycle, "verify": run_verify, "export": run_export}[args.command]
+    command = {"upcycle": run_upcycle, "verify": run_verify, "export": run_export,
+               "megatron-args": run_megatron_args}[args.command]
     return run_command(lambda: command(args), flags=UPCYCLE_FLAGS)
 
 

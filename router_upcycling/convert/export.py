@@ -14,6 +14,12 @@ from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
 from router_upcycling.settings.export import MOR_FORMAT, check_export
 
 
+def tokenizer_of(checkpoint: str, metadata: dict) -> str:
+    """The checkpoint's tokenizer/; for a Megatron-LM run without one, the source checkpoint's its metadata names."""
+    own = os.path.join(checkpoint, TOKENIZER_DIR)
+    return own if os.path.isdir(own) or not metadata.get("tokenizer_dir") else metadata["tokenizer_dir"]
+
+
 def export(checkpoint: str, output: str, fmt: str, iteration=None, dtype: str = "bf16", force: bool = False) -> str:
     """Write `output` in format `fmt` from the checkpoint folder; returns the output path."""
     metadata, arch, moe = check_export(checkpoint, output, fmt, force)
@@ -25,6 +31,6 @@ def export(checkpoint: str, output: str, fmt: str, iteration=None, dtype: str = 
     card = {**metadata, "training": {**(metadata.get("training") or {}), "iteration": exported_iteration}}
     writer = write_mor_folder if fmt == MOR_FORMAT else write_stock_folder
     return writer(
-        tensors, metadata["hf_config"], moe, tokenizer_dir=os.path.join(checkpoint, TOKENIZER_DIR), output_dir=output,
+        tensors, metadata["hf_config"], moe, tokenizer_dir=tokenizer_of(checkpoint, metadata), output_dir=output,
         dtype=STORAGE_DTYPES[dtype], card=card, force=force,
     )

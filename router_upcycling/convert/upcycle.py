@@ -14,7 +14,8 @@ import torch
 
 from router_upcycling.convert.hf_source import ConversionError, load_dense_tensors
 from router_upcycling.convert.mapping import expand, map_dense_to_mcore
-from router_upcycling.mcore.checkpoint import STORAGE_DTYPES
+from router_upcycling.mcore.checkpoint import CHECKPOINT_VERSION, STORAGE_DTYPES
+from router_upcycling.megatron_lm.flags import checkpoint_args
 from router_upcycling.outputs import staged_output
 from router_upcycling.settings.architecture import Architecture
 from router_upcycling.settings.families import family_named
@@ -52,6 +53,7 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
     and keys [K, d_r], and the calibration tokens used (calib.tokens, or fewer when the text ran out)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from router_upcycling.hf.loading import check_tokenizer_fits
     from router_upcycling.init.calibration import average_attention_keys
     from router_upcycling.init.grouping import break_ties, tied_experts
     from router_upcycling.init.routers import init_routers_from_attention
@@ -61,6 +63,7 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
     init = router_init_for(calib.router_init, arch)
     after_norm = arch.qk_norm and qk_norm_side_for(calib.qk_norm, arch) == "after"
     tokenizer = AutoTokenizer.from_pretrained(context.hf_model)
+    check_tokenizer_fits(tokenizer, arch.vocab_size, context.hf_model)  # the calibration text's ids, before the model
     model = AutoModelForCausalLM.from_pretrained(context.hf_model, dtype=torch.float32)
     try:
         avg_keys, tokens_used = average_attention_keys(
@@ -165,7 +168,10 @@ def upcycle(
         assign_weights(model, shared, ffn, routers, family.expert_rules, STORAGE_DTYPES[dtype])
         del shared, ffn
         log.info("writing %s experts x %s layers to %s", moe.num_experts, arch.num_layers, output)
-        save_sharded(model_state(model), os.path.join(staging, iteration_dir_name(RELEASE)))
+        # with Megatron-LM's common state: its `args` (the architecture, read by --use-checkpoint-args and its checks)
+        state = {**model_state(model), "args": checkpoint_args(arch, moe), "checkpoint_version": CHECKPOINT_VERSION,
+                 "iteration": 0}
+        save_sharded(state, os.path.join(staging, iteration_dir_name(RELEASE)))
         write_metadata(staging, {
             "hf_config": hf_config,
             "moe": moe.to_dict(arch),

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's common-state `checkpoint_version` (below 3.0 it reorders the QKV weights)
 # the metadata's "dtype" (and the converter's --dtype) names the stored weights' precision
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -14,10 +15,8 @@ def iteration_problem(iteration_dir: str) -> Optional[str]:
 
     Checks what loading reads before any tensor: megatron-core's metadata.json, torch's `.metadata` (the index of
     every tensor's file, offset and length), every shard file being at least as long as the index says, and the
-    common state (common.pt). A truncated shard, a damaged index or common state is found without reading tensors.
+    common state. A truncated shard, a damaged index or common state is found without reading the model's tensors.
     """
-    import pickle
-
     from router_upcycling.files import read_json_object
 
     def name(file: str) -> str:
@@ -44,11 +43,19 @@ def iteration_problem(iteration_dir: str) -> Optional[str]:
             what = "is missing" if size is None else f"is truncated ({size} of {length} bytes)"
             return f"{name(file)} {what}"
     try:
-        with open(name("common.pt"), "rb") as f:
-            torch.load(f, map_location="cpu", weights_only=False)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
-        return f"{name('common.pt')} is missing or damaged ({type(err).__name__}: {err})"
+        common_state(iteration_dir)
+    except Exception as err:  # torch and pickle raise many kinds for a damaged file
+        where = name("common.pt") if os.path.exists(name("common.pt")) else f"the common state in {iteration_dir}"
+        return f"{where} is missing or damaged ({type(err).__name__}: {err})"
     return None
+
+
+def common_state(iteration_dir: str) -> dict:
+    """The non-sharded values of a saved iteration (iteration, args, scheduler...): in common.pt up to
+    megatron-core 0.18, inside the torch_dist files from 0.19; megatron-core reads either."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(iteration_dir)
 
 
 def readable_iteration_dir(checkpoint_dir: str, iteration=None) -> str:

@@ -43,6 +43,9 @@ succeed, so redirecting them to the host changes nothing that could run before.
 8. `moe_utils.te_general_gemm` is left undefined without Transformer Engine (NameError inside
    `router_gating_linear`): set it to None so the torch path runs.
 
+Megatron-LM's training layer (`megatron.training`, run by router_upcycling.megatron_lm) needs three more,
+T1-T3, applied by `enable_training_layer()` (see there).
+
 Gloo runs the collectives (`all_reduce`, `reduce_scatter_tensor`, `all_gather_into_tensor`,
 `all_to_all_single`, point-to-point). Options that need CUDA kernels (Transformer Engine, grouped GEMM)
 are refused up front: `unsupported_on_cpu()`.
@@ -226,3 +229,56 @@ CUDA_ONLY_OPTIONS = {
 def unsupported_on_cpu(settings: dict) -> list:
     """One message per setting in `settings` (flag destination -> value) that needs CUDA."""
     return [reason for name, (value, reason) in CUDA_ONLY_OPTIONS.items() if settings.get(name) == value]
+
+
+class _CudaPresent(types.ModuleType):
+    """torch.cuda, except that it reports one device (and setting it does nothing): see T1 below."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+        self.is_available = lambda: True
+        self.device_count = lambda: 1
+        self.set_device = lambda device: None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchWithCuda(_TorchBuildingOnHost):
+    """torch building on the host (patch 2), whose `cuda` reports a device (T1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cuda = _CudaPresent()
+
+
+# Megatron-LM's training layer (megatron-core >= 0.17), for router_upcycling.megatron_lm:
+_TRAINING_MODULES_WITH_CUDA_FACTORIES = (
+    "megatron.training.training", "megatron.training.checkpointing", "megatron.training.utils.common_utils",
+)
+
+
+def enable_training_layer() -> None:
+    """The patches above, and these for Megatron-LM's training layer (`megatron.training`), which
+    router_upcycling.megatron_lm runs. Does nothing when CUDA is available.
+
+    T1. `initialize.py`: `initialize_megatron` asserts "Megatron requires CUDA." (`pretrain()` never passes
+        `allow_no_cuda`), and `_initialize_distributed` / `_set_random_seed` create the model-parallel groups and
+        seed the model-parallel RNG tracker only when `torch.cuda.device_count() > 0`. That module's `torch` becomes
+        a view whose `cuda` reports one device and ignores `set_device` (the process group is gloo's: the device id
+        it computes is not passed to it).
+    T2. Literal `device='cuda'` in tensor factories of `training.py` (start-time and loss all-reduces, the
+        iteration's loss bookkeeping), `checkpointing.py` and `utils/common_utils.py` (loss reporting): as patch 2.
+    T3. `initialize._warmup_jit_function` (from `set_jit_fusion_options`) runs the fused bias-GeLU/SwiGLU and
+        dropout kernels on "cuda" tensors to warm their JIT: skipped (the CPU run uses no fused kernel).
+    """
+    if torch.cuda.is_available():
+        return
+    enable_cpu_mode()
+    from megatron.training import initialize
+
+    initialize.torch = _TorchWithCuda()  # T1
+    initialize._warmup_jit_function = lambda **unused: None  # T3
+    torch_on_host = _TorchBuildingOnHost()
+    for module_name in _TRAINING_MODULES_WITH_CUDA_FACTORIES:  # T2
+        importlib.import_module(module_name).torch = torch_on_host

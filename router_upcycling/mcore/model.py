@@ -94,15 +94,18 @@ def moe_layer_spec(
 
 
 def decoder_block_spec(
-    config: TransformerConfig, moe: MoESettings, use_transformer_engine: bool = False, **training_options
+    config: TransformerConfig, moe: MoESettings, use_transformer_engine: bool = False, vp_stage: Optional[int] = None,
+    **training_options
 ) -> TransformerBlockSubmodules:
-    """The layers this pipeline stage builds, and the final norm (the same norm as inside the layers)."""
+    """The layers this pipeline stage (virtual stage `vp_stage`) builds, and the final norm (the same norm as inside
+    the layers)."""
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = RMSNorm
     layer = moe_layer_spec(moe, use_transformer_engine, config.moe_grouped_gemm, config.qk_layernorm, **training_options)
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=final_norm)
 
 
 def transformer_config(

@@ -11,9 +11,13 @@ iteration) and `tokenizer/`. An iteration folder is one torch_dist checkpoint ho
   with any data-parallel size but the same tensor/pipeline/expert sizes) or, with
   --dist-ckpt-optim-fully-reshardable, `fully_reshardable` (gathered per data-parallel group while
   saving; resumes on any layout). The plain optimizer's state is sharded like the model: any layout;
-- common values (rank 0): `iteration`, `consumed_samples`, `opt_param_scheduler`, `parallel_layout`;
-- `rng_state`: every rank's Python, NumPy, torch and model-parallel tracker RNG states, restored when
-  the layout is the same (otherwise the fresh seeding of --seed stands, as Megatron-LM does);
+- common values (rank 0): `iteration`, `consumed_samples`, `opt_param_scheduler` (in Megatron-LM's units:
+  samples), `parallel_layout`, and Megatron-LM's `checkpoint_version` and `args` (the architecture, the
+  parallel sizes, `consumed_train_samples`): Megatron-LM's trainer resumes these checkpoints and checks its
+  flags against them, and ours resumes Megatron-LM's (router_upcycling.megatron_lm);
+- `rng_state`: the Python, NumPy, torch and model-parallel tracker RNG states in Megatron-LM's layout (one per
+  pipeline and tensor rank), restored when the tensor, pipeline and expert sizes are the same (otherwise the
+  fresh seeding of --seed stands, as Megatron-LM does);
 - the content metadata Megatron-LM records (`distrib_optim_sharding_type`, `singleton_local_shards`,
   `chained_optim_avoid_prefix`), which the loader reads back to rebuild the same sharding.
 """
@@ -31,14 +35,13 @@ import torch.distributed as dist
 from router_upcycling.checkpoint_folder import (
     copy_tokenizer, iteration_dir_name, read_metadata, read_tracker, saved_iterations, write_metadata, write_tracker,
 )
-from router_upcycling.mcore.checkpoint import model_state, save_sharded
+from router_upcycling.mcore.checkpoint import CHECKPOINT_VERSION, model_state, save_sharded
 from router_upcycling.mcore import torch_adam
 from router_upcycling.outputs import disk_full_error
 from router_upcycling.mcore.parallel import current_device
 from router_upcycling.train.config import TrainError, TrainingConfig
 
 log = logging.getLogger("router_upcycling.train")
-CHECKPOINT_VERSION = 3.0  # Megatron-LM's
 FULLY_RESHARDABLE = "fully_reshardable"
 
 
@@ -69,23 +72,79 @@ def serializable(metadata: dict) -> dict:
 
 
 def rng_state():
-    """This rank's RNG states as one element of a world-sized sharded object."""
+    """This rank's RNG states as Megatron-LM saves them (`get_rng_state`, torch_dist, without
+    --data-parallel-random-init): one list per (pipeline, tensor) rank, written by the first data-parallel replica
+    (every replica is seeded alike)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "device": torch.cuda.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state(),
+             "rng_tracker_states": get_cuda_rng_tracker().get_states()}
+    return ShardedObject("rng_state", [state], (ps.get_pipeline_model_parallel_world_size(),
+                                                ps.get_tensor_model_parallel_world_size()),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
 
 
-def set_rng_state(state: dict) -> None:
+def legacy_rng_state():
+    """The RNG states' place in checkpoints of ours written before they carried Megatron-LM's `args` (one per rank)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", None, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def set_rng_state(state) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    torch.cuda.set_rng_state(state["device"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    if isinstance(state, list):  # Megatron-LM's layout
+        state = state[0]
+        names = ("random_rng_state", "np_rng_state", "torch_rng_state", "cuda_rng_state", "rng_tracker_states")
+    else:
+        names = ("python", "numpy", "torch", "device", "tracker")
+    python, numpy_state, torch_state, device, tracker = (state[name] for name in names)
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    torch.cuda.set_rng_state(device)
+    get_cuda_rng_tracker().set_states(tracker)
+
+
+# Megatron-LM counts its schedule in samples (the scheduler steps by the global batch size each iteration); ours steps
+# once per iteration. Checkpoints hold Megatron-LM's units, so either trainer resumes the other's.
+SCHEDULE_STEP_KEYS = ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
+
+
+def scheduler_state_in_samples(state: dict, global_batch_size: int) -> dict:
+    return {key: value * global_batch_size if key in SCHEDULE_STEP_KEYS else value for key, value in state.items()}
+
+
+def scheduler_state_in_iterations(state: dict, global_batch_size: int) -> dict:
+    return {key: value // global_batch_size if key in SCHEDULE_STEP_KEYS else value for key, value in state.items()}
+
+
+def megatron_lm_args(config: TrainingConfig, iteration: int, consumed_samples: int):
+    """Megatron-LM's common-state `args`: the architecture (from --save's metadata), the layout, the data position."""
+    from router_upcycling.checkpoint_folder import read_checkpoint_settings
+    from router_upcycling.megatron_lm.flags import checkpoint_args
+
+    _, arch, moe = read_checkpoint_settings(config.save)
+    layout = parallel_layout()
+    return checkpoint_args(arch, moe, tensor=layout["tensor"], pipeline=layout["pipeline"], expert=layout["expert"],
+                           data=layout["data"], consumed_train_samples=consumed_samples, iteration=iteration,
+                           seq_length=config.seq_length, micro_batch_size=config.micro_batch_size,
+                           global_batch_size=config.global_batch_size, train_iters=config.train_iters,
+                           use_distributed_optimizer=config.use_distributed_optimizer)
+
+
+def saved_layout(common: dict) -> dict:
+    """The parallel layout a checkpoint was written with: ours record it; Megatron-LM's `args` hold its sizes."""
+    if "parallel_layout" in common:
+        return common["parallel_layout"]
+    args = common.get("args")
+    return {"tensor": getattr(args, "tensor_model_parallel_size", 1), "pipeline": getattr(args, "pipeline_model_parallel_size", 1),
+            "expert": getattr(args, "expert_model_parallel_size", 1), "data": getattr(args, "data_parallel_size", None)}
 
 
 def resumes_in_place(save_dir: str, resume_dir: Optional[str]) -> bool:
@@ -119,7 +178,9 @@ def save_checkpoint(config: TrainingConfig, iteration: int, consumed_samples: in
     state = model_state(model, metadata)
     state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=metadata)
     state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, consumed_samples=consumed_samples,
-                 opt_param_scheduler=scheduler.state_dict(), parallel_layout=parallel_layout(), rng_state=rng_state())
+                 args=megatron_lm_args(config, iteration, consumed_samples),
+                 opt_param_scheduler=scheduler_state_in_samples(scheduler.state_dict(), config.global_batch_size),
+                 parallel_layout=parallel_layout(), rng_state=rng_state())
     try:
         save_sharded(state, iteration_dir, content_metadata=serializable(metadata))
     except BaseException as error:  # torch's CheckpointException, which a full disk raises, is a BaseException
@@ -182,18 +243,21 @@ def load_checkpoint(config: TrainingConfig, load_dir: str, model, optimizer, sch
     iteration_dir = newest_readable_iteration(load_dir)
     common = dist_checkpointing.load_common_state_dict(iteration_dir)
     content_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
-    saved_layout = common["parallel_layout"]
+    layout = saved_layout(common)
     load_optimizer = not config.no_load_optim
     if load_optimizer:
-        check_optimizer_layout(iteration_dir, saved_layout, content_metadata)
+        check_optimizer_layout(iteration_dir, layout, content_metadata)
     metadata = content_metadata | {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     state = model_state(model, metadata)
     if load_optimizer:
         torch_adam.before_loading(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True, metadata=metadata)
-    same_layout = saved_layout == parallel_layout()
+    current = parallel_layout()
+    same_layout = all(layout[dim] == current[dim] for dim in ("tensor", "pipeline", "expert"))
+    if "args" not in common:  # ours, from before the checkpoints carried Megatron-LM's args
+        same_layout = same_layout and layout["data"] == current["data"]
     if same_layout:
-        state["rng_state"] = rng_state()
+        state["rng_state"] = rng_state() if "args" in common else legacy_rng_state()
     loaded = dist_checkpointing.load(state, iteration_dir)
     with torch.no_grad():  # fp32 main weights of the distributed optimizer are views of the model's parameters
         model.load_state_dict(loaded["model"])
@@ -206,9 +270,13 @@ def load_checkpoint(config: TrainingConfig, load_dir: str, model, optimizer, sch
         set_rng_state(loaded["rng_state"])
     elif dist.get_rank() == 0:
         log.warning("resuming %s saved with layout %s on layout %s: RNG states are freshly seeded", iteration_dir,
-                    saved_layout, parallel_layout())
-    scheduler.load_state_dict(common["opt_param_scheduler"])
-    return common["iteration"], common["consumed_samples"]
+                    layout, current)
+    schedule = common["opt_param_scheduler"]
+    if "args" in common:  # in Megatron-LM's units
+        schedule = scheduler_state_in_iterations(schedule, config.global_batch_size)
+    scheduler.load_state_dict(schedule)
+    consumed = common.get("consumed_samples", getattr(common.get("args"), "consumed_train_samples", 0))
+    return common["iteration"], consumed
 
 
 class ExitSignal:

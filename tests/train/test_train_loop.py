@@ -26,7 +26,9 @@ def test_straight_run_learns_and_writes_the_folder_contract(straight_run):
     common = dist_checkpointing.load_common_state_dict(resolve_iteration_dir(straight_run))
     assert (common["iteration"], common["consumed_samples"]) == (STEPS, STEPS * 8)
     assert common["parallel_layout"] == {"tensor": 1, "pipeline": 1, "expert": 1, "data": 1}
-    assert common["opt_param_scheduler"]["num_steps"] == STEPS
+    assert common["opt_param_scheduler"]["num_steps"] == STEPS * 8  # Megatron-LM's unit: samples
+    assert (common["checkpoint_version"], common["args"].consumed_train_samples) == (3.0, STEPS * 8)
+    assert (common["args"].num_layers, common["args"].num_experts, common["args"].data_parallel_size) == (2, 4, 1)
     assert dist_checkpointing.load_content_metadata(preloaded_state_dict=common) == {
         "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     metadata = json.loads(open(os.path.join(straight_run, "router_upcycling.json")).read())
