@@ -55,7 +55,7 @@ def runs() -> Dict[str, RunSpec]:
 def gqa_runs() -> Dict[str, RunSpec]:
     """Grouped-query backbones: the paper's construction (whose experts start tied) against the router inits that give
     every expert its own keys, with the MHA study's two findings (router scale, max aggregation) re-checked on the
-    `query` init; on Qwen3 also the routers' queries and keys taken after the per-head norm."""
+    `query` init (on gqa also the `perturb` init); on Qwen3 also the routers' queries and keys taken after the per-head norm."""
     specs = [
         RunSpec("vanilla", BASELINE_ROUTER),
         RunSpec("mor", DEFAULT_ROUTER, upcycle_flags=("--router-init", "paper")),
@@ -64,6 +64,11 @@ def gqa_runs() -> Dict[str, RunSpec]:
         RunSpec("mor-query-scale-inv-sqrt-dr", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query", "--router-scale", "0.25")),
         RunSpec("mor-query-max", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query", "--router-aggregation", "max")),
     ]
+    if BACKBONE == "gqa":  # where perturb beat query at the paper's scoring: the two findings on it too
+        specs += [RunSpec("mor-perturb-scale-inv-sqrt-dr", DEFAULT_ROUTER,
+                          upcycle_flags=("--router-init", "perturb", "--router-scale", "0.25")),
+                  RunSpec("mor-perturb-max", DEFAULT_ROUTER,
+                          upcycle_flags=("--router-init", "perturb", "--router-aggregation", "max"))]
     if BACKBONE == "qwen3":
         specs += [RunSpec("mor-query-qk-after", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query", "--router-qk-norm", "after")),
                   RunSpec("mor-perturb-qk-after", DEFAULT_ROUTER, upcycle_flags=("--router-init", "perturb", "--router-qk-norm", "after"))]
@@ -76,6 +81,8 @@ GQA_ROWS = {
     "router init perturb (ties broken)": ("mor-perturb", "vanilla"),
     "query init, router logit scale 1/sqrt(d_r) = 0.25": ("mor-query-scale-inv-sqrt-dr", "vanilla"),
     "query init, max aggregation": ("mor-query-max", "vanilla"),
+    "perturb init, router logit scale 1/sqrt(d_r) = 0.25": ("mor-perturb-scale-inv-sqrt-dr", "vanilla"),
+    "perturb init, max aggregation": ("mor-perturb-max", "vanilla"),
     "query init, queries and keys after the QK-norm": ("mor-query-qk-after", "vanilla"),
     "perturb init, queries and keys after the QK-norm": ("mor-perturb-qk-after", "vanilla"),
 }

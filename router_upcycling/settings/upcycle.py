@@ -17,8 +17,11 @@ QK_NORM_SIDES = ("before", "after")
 # ties broken by a small deterministic perturbation
 ROUTER_INITS = ("paper", "query", "perturb")
 AUTO = "auto"
-# what `auto` picks, by experiment (docs/results.md): the paper's construction on multi-head attention without
-# QK-norm, where it stays exactly as the paper has it; these on grouped-query attention and on QK-norm models
+# what `auto` picks, by experiment (docs/results.md, "Grouped-query attention and QK-norm"): the paper's construction
+# on multi-head attention without QK-norm, where it stays exactly as the paper has it; on grouped-query attention and
+# QK-norm models the average queries (best on Qwen3's architecture at the paper's scoring, and with either of the MHA
+# study's findings, router scale 1/sqrt(d_r) or max aggregation, on both backbones; `perturb` is ahead only at the
+# unscaled sum on the GQA backbone), taken before the per-head norm (better than after for both inits)
 GQA_ROUTER_INIT = "query"
 QK_NORM_SIDE = "before"
 
