@@ -165,7 +165,8 @@ def test_locmoe_locality_loss_reaches_the_router_input_and_is_logged():
     build(moe)  # process groups
     router = router_builder(moe, locality_coeff=0.3)(transformer_config(ARCH, moe), pg_collection=get_default_pg_collection())
     router.set_layer_number(2)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    # the shape megatron-core's schedule keeps (it copies later scales into this tensor, in this process's later tests)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     clear_aux_losses_tracker()
     # [s, b, d], scaled so that group means (logits) spread the routing distribution well away from uniform
     x = (4 * torch.randn(6, 2, 64, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
