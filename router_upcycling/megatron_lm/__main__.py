@@ -72,9 +72,8 @@ def strictness(argv: List[str]) -> str:
     for a --load checkpoint holding Megatron-LM's rerun-state-machine state: Megatron-LM (core_r0.19.0) saves it
     while no rerun is pending and then does not ask for it back, which raise_all refuses; such a checkpoint is loaded
     with log_all (mismatches logged; the architecture flags were checked against the checkpoint before)."""
-    from router_upcycling.checkpoint_folder import read_tracker
+    from router_upcycling.checkpoint_folder import iteration_dir_name, read_tracker
     from router_upcycling.mcore.checkpoint import common_state, iteration_problem
-    from router_upcycling.checkpoint_folder import iteration_dir_name
 
     load = option_value(argv, "--load")
     if load and read_tracker(load) is not None:

@@ -12,7 +12,7 @@ import os
 from typing import Optional, Tuple
 
 from router_upcycling.checkpoint_folder import (
-    ARGS_METADATA, METADATA_FILE, TOKENIZER_DIR, read_checkpoint_settings, read_metadata,
+    ARGS_METADATA, METADATA_FILE, TOKENIZER_DIR, read_checkpoint_settings,
 )
 from router_upcycling.errors import UserError
 from router_upcycling.megatron_lm.flags import mismatched_flags, refusal
@@ -35,13 +35,13 @@ def settings_checkpoint(args) -> Optional[str]:
     return None
 
 
-def checkpoint_settings(args) -> Tuple[str, Architecture, MoESettings]:
+def checkpoint_settings(args) -> Tuple[str, dict, Architecture, MoESettings]:
     folder = settings_checkpoint(args)
     if folder is None:
         raise SpecError(f"the router_upcycling layer spec needs one of our checkpoints (a folder with {METADATA_FILE}): "
                         f"pass --load or --pretrained-checkpoint, or set {CHECKPOINT_ENV}")
-    _, arch, moe = read_checkpoint_settings(folder)
-    return folder, arch, moe
+    metadata, arch, moe = read_checkpoint_settings(folder)
+    return folder, metadata, arch, moe
 
 
 def router_options(args, moe: MoESettings) -> dict:
@@ -50,10 +50,10 @@ def router_options(args, moe: MoESettings) -> dict:
     return {"locality_coeff": coeff} if "locality_coeff" in moe.spec.training_options else {}
 
 
-def remember_settings(args, folder: str) -> None:
+def remember_settings(args, folder: str, metadata: dict) -> None:
     """Keep our metadata in Megatron-LM's `args`, which it saves with every checkpoint: `export`, `verify` and our
     trainer then read a --save folder that has no router_upcycling.json (the tokenizer: the source checkpoint's)."""
-    metadata = {key: value for key, value in read_metadata(folder).items() if key not in ("format_version", "training")}
+    metadata = {key: value for key, value in metadata.items() if key not in ("format_version", "training")}
     if os.path.isdir(os.path.join(folder, TOKENIZER_DIR)):
         metadata["tokenizer_dir"] = os.path.abspath(os.path.join(folder, TOKENIZER_DIR))
     setattr(args, ARGS_METADATA, metadata)
@@ -67,11 +67,11 @@ def layer_spec(config, vp_stage: Optional[int] = None):
     from router_upcycling.mcore.model import decoder_block_spec
 
     args = get_args()
-    folder, arch, moe = checkpoint_settings(args)
+    folder, metadata, arch, moe = checkpoint_settings(args)
     problems = mismatched_flags(args, arch, moe)
     if problems:
         raise SpecError(refusal(problems, folder))
-    remember_settings(args, folder)
+    remember_settings(args, folder, metadata)
     transformer = getattr(config, "transformer", config)
     use_te = getattr(args, "transformer_impl", "local") == "transformer_engine"
     return decoder_block_spec(transformer, moe, use_te, vp_stage=vp_stage, **router_options(args, moe))

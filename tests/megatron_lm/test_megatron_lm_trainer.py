@@ -9,16 +9,9 @@ import pytest
 import torch
 
 from megatron_lm_runs import grad_norms, losses, megatron_lm_flags, needs_training_layer, run_megatron_lm
-from training_runs import run, train_flags, train_losses
+from training_runs import copy_rewound, run, train_flags, train_losses
 
 pytestmark = needs_training_layer
-
-
-def rewound(run_dir, destination, iteration: int):
-    """A copy of a --save folder whose tracker names an earlier checkpoint (what a preempted run left)."""
-    shutil.copytree(run_dir, destination)
-    (destination / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    return destination
 
 
 def test_the_upcycled_model_starts_as_the_dense_one_and_exports(mlm_inputs, tmp_path):
@@ -75,7 +68,7 @@ def test_resume_is_exact(mlm_inputs, mlm_straight, tmp_path):
     The logged loss of iteration 5 (the second after the restart) is Megatron-LM's mean of iterations 4 and 5 (it
     does not reset its accumulators after a start's first iteration): the drift the issue saw, in the log only."""
     save, output = mlm_straight
-    resumed = rewound(save, tmp_path / "run", 3)
+    resumed = copy_rewound(save, tmp_path / "run", 3)
     again = run_megatron_lm(megatron_lm_flags(mlm_inputs, resumed))
     assert "successfully loaded checkpoint" in again
     straight, continued = losses(output), losses(again)
@@ -98,7 +91,7 @@ def our_flags(inputs, save, *extra) -> list:
 
 def test_our_trainer_resumes_a_megatron_lm_checkpoint(mlm_inputs, mlm_straight, tmp_path):
     save, output = mlm_straight
-    resumed = rewound(save, tmp_path / "run", 3)
+    resumed = copy_rewound(save, tmp_path / "run", 3)
     ours = run(our_flags(mlm_inputs, resumed))
     assert "resuming at step 3" in ours
     continued, straight = train_losses(resumed), losses(output)

@@ -68,10 +68,13 @@ def train_losses(save) -> dict:
 
 def copy_rewound(run_dir, destination, iteration: int):
     """A copy of a run's --save folder as it stood after `iteration` (a checkpoint it saved): the tracker
-    names that checkpoint and metrics.jsonl ends there, so resuming the copy redoes the later steps."""
+    names that checkpoint and metrics.jsonl (when the trainer wrote one) ends there, so resuming the copy redoes
+    the later steps."""
     shutil.copytree(run_dir, destination)
     (destination / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     metrics = destination / "metrics.jsonl"
+    if not metrics.is_file():  # Megatron-LM's trainer logs to stdout only
+        return destination
     kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= iteration]
     metrics.write_text("".join(line + "\n" for line in kept))
     return destination
