@@ -151,7 +151,7 @@ def locality_gradient_closed_form(x: torch.Tensor, num_experts: int) -> torch.Te
     return (d_logits * (means > 0) / group).repeat_interleave(group, dim=1)
 
 
-def test_locmoe_locality_loss_reaches_the_router_input_and_is_logged(request):
+def test_locmoe_locality_loss_reaches_the_router_input_and_is_logged():
     """Only the locality term is on (no load-balancing loss, no z-loss): the input's gradient is mu times the
     closed-form gradient of KL(mean routing distribution || uniform); the tracker holds the KL per layer."""
     from megatron.core.transformer.moe.moe_layer import get_default_pg_collection
@@ -165,10 +165,8 @@ def test_locmoe_locality_loss_reaches_the_router_input_and_is_logged(request):
     build(moe)  # process groups
     router = router_builder(moe, locality_coeff=0.3)(transformer_config(ARCH, moe), pg_collection=get_default_pg_collection())
     router.set_layer_number(2)
-    # a scale of our own: megatron-core keeps one class-level tensor and copies later scales into it, so the one an
-    # earlier test (or schedule) left, whatever its shape, is put back afterwards
-    previous_scale, MoEAuxLossAutoScaler.main_loss_backward_scale = MoEAuxLossAutoScaler.main_loss_backward_scale, None
-    request.addfinalizer(lambda: setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", previous_scale))
+    # a scale of our own (conftest's fresh_moe_aux_loss_scale drops it afterwards)
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
     clear_aux_losses_tracker()
     # [s, b, d], scaled so that group means (logits) spread the routing distribution well away from uniform
