@@ -8,7 +8,7 @@ Shape legend
     T  tokens                 d   hidden size (router input)
     R  routers per layer      d_r router dim (= H * d_h / R)
     K  expert keys per layer  N   experts per layer, K = max(R, N), N divides K
-    g  GrAP group size, d / N
+    g  GrAP group size, d / N     d_h attention head dim
 
 Key-to-expert map: expert i holds keys {i, i + N, i + 2N, ...} (K / N keys each). With R >= N
 these are router keys {i, i+N, ...}; with R < N there are N keys, key j initialised from
@@ -18,6 +18,8 @@ Which settings fit which models (router, expert and head counts) is not the math
 router registry (router_upcycling.settings.routers) holds those rules; the functions here only
 refuse shapes they cannot compute.
 """
+from typing import Optional
+
 import torch
 
 
@@ -28,7 +30,23 @@ def expert_key_indices(num_experts: int, num_keys: int) -> torch.Tensor:
     return torch.arange(num_keys).view(num_keys // num_experts, num_experts).t().contiguous()
 
 
-def key_scores(x: torch.Tensor, query_weight: torch.Tensor, keys: torch.Tensor, aggregation: str = "sum") -> torch.Tensor:
+def head_rms_norm(queries: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each attention head's RMS norm, as a QK-norm model's attention applies it to its queries (Qwen3's q_norm).
+
+    Args:
+        queries: [..., d_r], d_r a multiple of d_h: the router's query, its heads side by side.
+        weight: g_q, the norm's weight [d_h] (one for every head).
+        eps: the norm's epsilon.
+
+    Returns:
+        [..., d_r]: every d_h-wide head scaled to unit RMS, then by g_q.
+    """
+    heads = queries.unflatten(-1, (-1, weight.shape[0]))  # [..., d_r / d_h, d_h]
+    return (heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + eps) * weight).flatten(-2)
+
+
+def key_scores(x: torch.Tensor, query_weight: torch.Tensor, keys: torch.Tensor, aggregation: str = "sum",
+               query_norm_weight: Optional[torch.Tensor] = None, query_norm_eps: float = 1e-6) -> torch.Tensor:
     """Score of every key, aggregated over routers.
 
     Args:
@@ -36,18 +54,24 @@ def key_scores(x: torch.Tensor, query_weight: torch.Tensor, keys: torch.Tensor, 
         query_weight: W, the routers' query projections [R, d_r, d].
         keys: k, the expert keys [K, d_r].
         aggregation: "sum" (s_j = sum_r q_r . k_j) or "max" (s_j = max_r q_r . k_j).
+        query_norm_weight: g_q [d_h] to normalise every head of each query q_r = W_r x as the attention does
+            (head_rms_norm; d_r a multiple of d_h), or None for the plain projections.
+        query_norm_eps: that norm's epsilon.
 
     Returns:
         s [T, K].
     """
-    if aggregation == "sum":
+    if aggregation not in ("sum", "max"):
+        raise ValueError(f"unknown router aggregation {aggregation!r}; expected 'sum' or 'max'")
+    if aggregation == "sum" and query_norm_weight is None:
         # sum_r (W_r x) . k_j = x . (k_j @ sum_r W_r): one [K, d] gate instead of R queries per token.
         return x @ (keys @ query_weight.sum(0)).t()
-    if aggregation == "max":
-        num_routers, router_dim, hidden = query_weight.shape
-        queries = (x @ query_weight.reshape(num_routers * router_dim, hidden).t()).view(-1, num_routers, router_dim)
-        return (queries @ keys.t()).amax(dim=1)  # [T, R, K] -> [T, K]
-    raise ValueError(f"unknown router aggregation {aggregation!r}; expected 'sum' or 'max'")
+    num_routers, router_dim, hidden = query_weight.shape
+    queries = (x @ query_weight.reshape(num_routers * router_dim, hidden).t()).view(-1, num_routers, router_dim)
+    if query_norm_weight is not None:
+        queries = head_rms_norm(queries, query_norm_weight, query_norm_eps)
+    scores = queries @ keys.t()  # [T, R, K]
+    return scores.sum(dim=1) if aggregation == "sum" else scores.amax(dim=1)
 
 
 def mor_expert_logits(
@@ -57,6 +81,8 @@ def mor_expert_logits(
     num_experts: int,
     aggregation: str = "sum",
     scale: float = 1.0,
+    query_norm_weight: Optional[torch.Tensor] = None,
+    query_norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Expert logits of the Mixture-of-Routers: z_i = scale * max over expert i's keys of s_j.
 
@@ -67,11 +93,12 @@ def mor_expert_logits(
         num_experts: N.
         aggregation: "sum" or "max" over routers.
         scale: multiplies the logits (1.0, no scaling, is the method's default).
+        query_norm_weight, query_norm_eps: the queries' per-head norm (key_scores), or None.
 
     Returns:
         z [T, N].
     """
-    scores = key_scores(x, query_weight, keys, aggregation)  # [T, K]
+    scores = key_scores(x, query_weight, keys, aggregation, query_norm_weight, query_norm_eps)  # [T, K]
     num_keys = keys.shape[0]
     if num_keys != num_experts:
         # key j belongs to expert j mod N: view [T, K/N, N] and take the best key per expert

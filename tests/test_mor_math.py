@@ -41,6 +41,44 @@ def test_expert_logits_match_loop_reference(aggregation, num_routers, num_expert
     torch.testing.assert_close(logits, loop_reference(x, query_weight, keys, num_experts, aggregation), rtol=1e-10, atol=1e-10)
 
 
+def normed_loop_reference(x, query_weight, keys, num_experts, aggregation, gain, eps):
+    """Each router's query, head by head through RMS norm (d_h = len(gain)) as a QK-norm attention does, then scored."""
+    num_routers, router_dim, _ = query_weight.shape
+    head_dim = gain.shape[0]
+    logits = torch.empty(x.shape[0], num_experts, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        queries = []
+        for r in range(num_routers):
+            query = query_weight[r] @ x[t]
+            heads = [query[h:h + head_dim] for h in range(0, router_dim, head_dim)]
+            queries.append(torch.cat([gain * head / torch.sqrt((head * head).mean() + eps) for head in heads]))
+        scores = []
+        for j in range(keys.shape[0]):
+            per_router = [torch.dot(query, keys[j]) for query in queries]
+            scores.append(sum(per_router) if aggregation == "sum" else max(per_router))
+        for i in range(num_experts):
+            logits[t, i] = max(scores[j] for j in range(keys.shape[0]) if j % num_experts == i)
+    return logits
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "max"])
+@pytest.mark.parametrize("num_routers,num_experts,heads_per_router", [(8, 8, 1), (4, 8, 2), (4, 4, 3), (8, 4, 1)])
+def test_query_norm_inside_the_routers_matches_loop_reference(aggregation, num_routers, num_experts, heads_per_router):
+    generator = torch.Generator().manual_seed(num_routers * 7 + heads_per_router)
+    hidden, head_dim, tokens = 24, 4, 6
+    router_dim = heads_per_router * head_dim
+    x = torch.randn(tokens, hidden, generator=generator, dtype=torch.float64)
+    query_weight = torch.randn(num_routers, router_dim, hidden, generator=generator, dtype=torch.float64)
+    keys = torch.randn(max(num_routers, num_experts), router_dim, generator=generator, dtype=torch.float64)
+    gain = 1 + 0.3 * torch.randn(head_dim, generator=generator, dtype=torch.float64)
+    logits = mor_expert_logits(x, query_weight, keys, num_experts, aggregation, 0.5, gain, 1e-6)
+    expected = 0.5 * normed_loop_reference(x, query_weight, keys, num_experts, aggregation, gain, 1e-6)
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
+    # a token scaled up routes alike: the norm removes its scale (the plain routers' logits would grow with it)
+    torch.testing.assert_close(mor_expert_logits(5 * x, query_weight, keys, num_experts, aggregation, 0.5, gain, 0.0),
+                               mor_expert_logits(x, query_weight, keys, num_experts, aggregation, 0.5, gain, 0.0))
+
+
 def test_key_count_and_expert_key_map():
     keys = [MoESettings(num_routers=r, num_experts=8).num_keys for r in (8, 32, 2)]
     assert keys == [8, 32, 8]
@@ -65,6 +103,7 @@ def test_fold_refuses_nonlinear_routers():
 
     assert refusal(num_routers=8) is None
     assert "max" in refusal(num_routers=8, aggregation="max") and "2 keys" in refusal(num_routers=16)
+    assert "normalise each head" in refusal(num_routers=8, query_norm=True)
     with pytest.raises(ValueError, match="no linear-gate form"):
         fold_to_linear_gate(torch.zeros(2, 3, 4), torch.zeros(8, 3), 4)
 

@@ -55,7 +55,8 @@ def runs() -> Dict[str, RunSpec]:
 def gqa_runs() -> Dict[str, RunSpec]:
     """Grouped-query backbones: the paper's construction (whose experts start tied) against the router inits that give
     every expert its own keys, with the MHA study's two findings (router scale, max aggregation) re-checked on the
-    `query` init (on gqa also the `perturb` init); on Qwen3 also the routers' queries and keys taken after the per-head norm."""
+    `query` init (on gqa also the `perturb` init); on Qwen3 also the routers' queries and keys taken after the per-head norm,
+    and the routers that apply the query norm themselves."""
     specs = [
         RunSpec("vanilla", BASELINE_ROUTER),
         RunSpec("mor", DEFAULT_ROUTER, upcycle_flags=("--router-init", "paper")),
@@ -71,7 +72,9 @@ def gqa_runs() -> Dict[str, RunSpec]:
                           upcycle_flags=("--router-init", "perturb", "--router-aggregation", "max"))]
     if BACKBONE == "qwen3":
         specs += [RunSpec("mor-query-qk-after", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query", "--router-qk-norm", "after")),
-                  RunSpec("mor-perturb-qk-after", DEFAULT_ROUTER, upcycle_flags=("--router-init", "perturb", "--router-qk-norm", "after"))]
+                  RunSpec("mor-perturb-qk-after", DEFAULT_ROUTER, upcycle_flags=("--router-init", "perturb", "--router-qk-norm", "after")),
+                  RunSpec("mor-query-qk-inside", DEFAULT_ROUTER, upcycle_flags=("--router-init", "query", "--router-qk-norm", "inside")),
+                  RunSpec("mor-perturb-qk-inside", DEFAULT_ROUTER, upcycle_flags=("--router-init", "perturb", "--router-qk-norm", "inside"))]
     return {spec.name: spec for spec in specs}
 
 
@@ -85,6 +88,8 @@ GQA_ROWS = {
     "perturb init, max aggregation": ("mor-perturb-max", "vanilla"),
     "query init, queries and keys after the QK-norm": ("mor-query-qk-after", "vanilla"),
     "perturb init, queries and keys after the QK-norm": ("mor-perturb-qk-after", "vanilla"),
+    "query init, the query norm inside the routers": ("mor-query-qk-inside", "vanilla"),
+    "perturb init, the query norm inside the routers": ("mor-perturb-qk-inside", "vanilla"),
 }
 
 

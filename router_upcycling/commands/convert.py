@@ -25,7 +25,7 @@ UPCYCLE_FLAGS = {"num_experts": "--num-experts", "topk": "--topk", "router": "--
                  "aggregation": "--router-aggregation", "router_scale": "--router-scale", "calib_files": "--calib-data",
                  "calib_tokens": "--calib-tokens", "calib_seq_length": "--calib-seq-length",
                  "calib_batch_size": "--calib-batch-size", "router_qk_norm": "--router-qk-norm", "router_init": "--router-init",
-                 "output": "--output"}
+                 "query_norm": "--router-qk-norm inside", "output": "--output"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "experiment, docs/results.md)")
     up.add_argument("--router-qk-norm", choices=(AUTO, *QK_NORM_SIDES), default=AUTO,
                     help="QK-norm models (Qwen3), mor: take the routers' queries and the average keys before the per-head "
-                         "norm (W_q; the mean before q_norm/k_norm) or after it (the query norm's weight folded into "
-                         f"W_q; the mean of the norm's output); auto: {QK_NORM_SIDE}; docs/method.md part 2")
+                         "norm (W_q; the mean before q_norm/k_norm), after it (the query norm's weight folded into "
+                         "W_q; the mean of the norm's output), or inside: the routers apply the query norm itself "
+                         "to W_q x (exact, not linear: no stock export; the routers must divide the heads), keys as "
+                         f"after; auto: {QK_NORM_SIDE}; docs/method.md part 2")
     up.add_argument("--dtype", choices=STORAGE_DTYPE_NAMES, default="bf16", help="dtype of the written weights (routers stay fp32)")
     up.add_argument("--seed", type=int, default=1234, help="seed of the random baseline routers")
     up.add_argument("--force", action="store_true", help="replace --output if it exists")
@@ -104,7 +106,8 @@ def run_upcycle(args) -> int:
     from router_upcycling.settings.upcycle import CalibrationSettings, check_upcycle
 
     moe = MoESettings(num_experts=args.num_experts, topk=args.topk, router=args.router,
-                      num_routers=args.num_routers, aggregation=args.router_aggregation, router_scale=args.router_scale)
+                      num_routers=args.num_routers, aggregation=args.router_aggregation, router_scale=args.router_scale,
+                      query_norm=args.router_qk_norm == "inside")
     calib = CalibrationSettings(files=args.calib_data, json_key=args.calib_json_key, tokens=args.calib_tokens,
                                 seq_length=args.calib_seq_length, batch_size=args.calib_batch_size,
                                 qk_norm=args.router_qk_norm, router_init=args.router_init)

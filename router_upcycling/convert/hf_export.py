@@ -61,7 +61,7 @@ def router_config_fields(arch: Architecture, moe: MoESettings) -> dict:
     fields = dict(router_type=moe.spec.hf_gate, router_scale=float(moe.router_scale))
     if moe.spec.mixture:
         fields.update(num_routers=moe.num_routers, router_dim=moe.router_dim(arch), num_router_keys=moe.num_keys,
-                      router_aggregation=moe.aggregation)
+                      router_aggregation=moe.aggregation, router_query_norm=moe.query_norm)
     return fields
 
 
@@ -281,6 +281,7 @@ def model_card(card: dict, moe: MoESettings, arch: Architecture, dtype: torch.dt
             ("expert keys (K)", moe.num_keys),
             ("aggregation", moe.aggregation),
             ("router scale", moe.router_scale),
+            *([("query norm", "in the routers (each head RMS-normalised as the attention does)")] if moe.query_norm else []),
         ]
     rows += [
         ("calibration tokens", calibration_figure(card)),

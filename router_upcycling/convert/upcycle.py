@@ -61,7 +61,8 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
 
     calib, moe, arch = context.calib, context.moe, context.arch
     init = router_init_for(calib.router_init, arch)
-    after_norm = arch.qk_norm and qk_norm_side_for(calib.qk_norm, arch) == "after"
+    side = qk_norm_side_for(calib.qk_norm, arch) if arch.qk_norm else None
+    after_norm = side in ("after", "inside")  # statistics of the norm's output
     tokenizer = AutoTokenizer.from_pretrained(context.hf_model)
     check_tokenizer_fits(tokenizer, arch.vocab_size, context.hf_model)  # the calibration text's ids, before the model
     model = AutoModelForCausalLM.from_pretrained(context.hf_model, dtype=torch.float32)
@@ -73,17 +74,21 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
         )
     except TextDataError as err:
         raise ConversionError(str(err)) from None
-    routers = init_routers_from_attention(model, avg_keys, moe.num_routers, moe.num_experts, fold_query_norm=after_norm)
+    routers = init_routers_from_attention(model, avg_keys, moe.num_routers, moe.num_experts,
+                                          fold_query_norm=side == "after")
     if init == "perturb":
         routers = [(query_weight, break_ties(keys, moe.num_experts, layer)) for layer, (query_weight, keys) in enumerate(routers)]
+    weights = [{"query_weight": query_weight, "keys": keys} for query_weight, keys in routers]
+    if moe.query_norm:  # the routers normalise their queries with the attention's own g_q
+        for layer, router in zip(model.model.layers, weights):
+            router["query_norm_weight"] = layer.self_attn.q_norm.weight.detach().float().cpu().clone()
     del model
     gc.collect()
     record = {"tokens": tokens_used, "requested_tokens": calib.tokens, "seq_length": calib.seq_length,
               "files": [os.path.abspath(f) for f in calib.files], "router_init": init}
     if arch.qk_norm:
-        record["qk_norm"] = "after" if after_norm else "before"
-    return RouterInit([{"query_weight": query_weight, "keys": keys} for query_weight, keys in routers], record,
-                      [tied_experts(keys, moe.num_experts) for _, keys in routers])
+        record["qk_norm"] = side
+    return RouterInit(weights, record, [tied_experts(keys, moe.num_experts) for _, keys in routers])
 
 
 def warn_tied_experts(per_layer: List[List[List[int]]]) -> None:

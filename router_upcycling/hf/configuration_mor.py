@@ -27,6 +27,8 @@ class MoRRouterConfig(PreTrainedConfig):
         num_router_keys: K = max(R, N) expert keys per layer (mor only).
         router_aggregation: "sum" or "max" over routers (mor only).
         router_scale: multiplies the mor logits (1.0 = off).
+        router_query_norm: the mor routers normalise each head of their queries as the attention does (RMS norm with
+            the gate's `query_norm_weight` [head_dim] and rms_norm_eps; QK-norm models).
     """
 
     router_type: str = "mor"
@@ -35,6 +37,7 @@ class MoRRouterConfig(PreTrainedConfig):
     num_router_keys: int = 8
     router_aggregation: str = "sum"
     router_scale: float = 1.0
+    router_query_norm: bool = False
     norm_topk_prob: bool = True
 
     def __post_init__(self, **kwargs):

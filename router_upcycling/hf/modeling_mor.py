@@ -101,7 +101,8 @@ class MoRGate(nn.Module):
 
 
 class MoRMixtureOfRoutersGate(MoRGate):
-    """Mixture-of-Routers: R query projections `query_weight` [R, d_r, d] scored against `keys` [K, d_r]."""
+    """Mixture-of-Routers: R query projections `query_weight` [R, d_r, d] scored against `keys` [K, d_r]; with
+    `router_query_norm`, each head of the queries RMS-normalised first with `query_norm_weight` [d_h]."""
 
     router_type = "mor"
     AGGREGATIONS = ("sum", "max")
@@ -112,6 +113,10 @@ class MoRMixtureOfRoutersGate(MoRGate):
         self.scale = config.router_scale
         self.query_weight = nn.Parameter(torch.zeros(config.num_routers, config.router_dim, config.hidden_size))
         self.keys = nn.Parameter(torch.zeros(config.num_router_keys, config.router_dim))
+        self.query_norm_weight, self.query_norm_eps = None, config.rms_norm_eps
+        if config.router_query_norm:
+            head_dim = config.router_dim * config.num_routers // config.num_attention_heads
+            self.query_norm_weight = nn.Parameter(torch.ones(head_dim))
 
     @classmethod
     def check_config(cls, config: MoRRouterConfig) -> None:
@@ -119,10 +124,15 @@ class MoRMixtureOfRoutersGate(MoRGate):
             raise ValueError(f"router_aggregation must be one of {cls.AGGREGATIONS}, got {config.router_aggregation!r}")
         if config.num_router_keys % config.num_experts:
             raise ValueError(f"num_router_keys ({config.num_router_keys}) must be a multiple of num_experts ({config.num_experts})")
+        if config.router_query_norm and (config.num_attention_heads % config.num_routers):
+            raise ValueError(f"router_query_norm needs whole heads per router: {config.num_routers} routers do not "
+                             f"divide {config.num_attention_heads} heads")
 
     def expert_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        query_norm = None if self.query_norm_weight is None else self.query_norm_weight.float()
         return mor_expert_logits(
-            hidden, self.query_weight.float(), self.keys.float(), self.num_experts, self.aggregation, self.scale
+            hidden, self.query_weight.float(), self.keys.float(), self.num_experts, self.aggregation, self.scale,
+            query_norm, self.query_norm_eps,
         )
 
 

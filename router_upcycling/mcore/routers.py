@@ -7,6 +7,7 @@ aux loss, z-loss and expert bias stay megatron-core's own `routing()`.
 | router | logits (computed in float32)                 | parameters (model dtype)                |
 |--------|----------------------------------------------|-----------------------------------------|
 | mor    | Mixture-of-Routers (router_upcycling.mor)    | query_weight [R, d_r, d], keys [K, d_r] |
+|        |   with query_norm (QK-norm models)           |   + query_norm_weight [d_h]             |
 | linear | megatron-core's TopKRouter, unchanged        | weight [N, d]                           |
 | mlp    | fc2(gelu(fc1 x)), d -> d -> N                | fc1.weight [d, d], fc2.weight [N, d]    |
 | switch | linear, top-1 (see SwitchRouter)             | weight [N, d]                           |
@@ -63,6 +64,8 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
 
     With `sum` aggregation the math computes the keys-by-hidden gate (K @ sum_r W_r) once per
     forward and applies it as a linear router; with one key per expert that is the folded N x d gate.
+    With `query_norm` each head of every query goes through the attention's RMS norm first
+    (`query_norm_weight`, its g_q, and the model's norm epsilon), so the queries are computed per router.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
         num_keys: int,
         aggregation: str = "sum",
         router_scale: float = 1.0,
+        query_norm: bool = False,
         **kwargs,
     ) -> None:
         # Read by reset_parameters(), which the base constructor calls.
@@ -81,6 +85,7 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
         self.num_keys = num_keys
         self.aggregation = aggregation
         self.router_scale = router_scale
+        self.query_norm = query_norm
         self.router_dim = config.num_attention_heads * config.kv_channels // num_routers
         super().__init__(config=config, pg_collection=pg_collection, **topk_router_keywords(kwargs))
 
@@ -98,6 +103,9 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
             config.init_method(self.keys)
         _mark_router_parameter(self.query_weight, config)
         _mark_router_parameter(self.keys, config)
+        if self.query_norm:
+            self.query_norm_weight = _mark_router_parameter(
+                torch.nn.Parameter(torch.ones(config.kv_channels, dtype=config.params_dtype)), config)
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Expert logits [..., N] (float32) for router input [..., d]."""
@@ -108,6 +116,8 @@ class MixtureOfRoutersRouter(UnitScaleTop1Mixin, TopKRouter):
             self.config.num_moe_experts,
             self.aggregation,
             self.router_scale,
+            self.query_norm_weight.float() if self.query_norm else None,
+            self.config.layernorm_epsilon,
         )
         return logits.view(*input.shape[:-1], -1)
 

@@ -12,8 +12,10 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class MoESettings:
-    """Experts per layer, experts per token and the router; `num_routers`, `aggregation` and `router_scale` apply to
-    a Mixture-of-Routers (num_routers defaults to num_experts there). A top-1 router (switch) sets topk to 1.
+    """Experts per layer, experts per token and the router; `num_routers`, `aggregation`, `router_scale` and
+    `query_norm` apply to a Mixture-of-Routers (num_routers defaults to num_experts there). A top-1 router (switch)
+    sets topk to 1. `query_norm`: the routers normalise each head of their queries with the attention's query norm
+    (QK-norm models, `upcycle --router-qk-norm inside`; docs/method.md part 2).
 
     Invalid values raise SettingError naming the field; each command words it with its own flag.
     """
@@ -24,6 +26,7 @@ class MoESettings:
     num_routers: Optional[int] = None
     aggregation: str = "sum"
     router_scale: float = 1.0
+    query_norm: bool = False
 
     def __post_init__(self):
         spec = get_router(self.router)
@@ -42,6 +45,8 @@ class MoESettings:
             raise SettingError("topk", f"must be between 1 and the number of experts ({self.num_experts}), got {self.topk}")
         if spec.mixture and self.num_routers < 1:
             raise SettingError("num_routers", f"must be at least 1, got {self.num_routers}")
+        if self.query_norm and not spec.mixture:
+            raise SettingError("query_norm", f"applies to a Mixture-of-Routers, not the {self.router} router")
 
     @property
     def spec(self) -> RouterSpec:

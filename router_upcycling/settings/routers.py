@@ -156,6 +156,16 @@ def check_router_count(num_heads: int, head_dim: int, num_routers: int, num_expe
 
 
 def _check_mixture(arch: "Architecture", moe: "MoESettings", upcycling: bool) -> None:
+    if moe.query_norm:  # the attention's per-head norm inside the routers: whole heads of a QK-norm model
+        if not arch.qk_norm:
+            raise SettingError("query_norm", "needs a model with query/key norms (Qwen3): its routers apply the "
+                                             "attention's query norm")
+        if arch.num_heads % moe.num_routers:
+            working = ", ".join(str(r) for r in range(1, arch.num_heads + 1)
+                                if arch.num_heads % r == 0 and _fits_experts(r, moe.num_experts)) or "none"
+            raise SettingError("num_routers", f"{moe.num_routers} routers cannot normalise whole heads of "
+                                              f"{arch.num_heads}: with the query norm inside, the routers must divide "
+                                              f"the heads; router counts that work: {working}")
     if upcycling:
         check_router_count(arch.num_heads, arch.head_dim, moe.num_routers, moe.num_experts)
         return
@@ -186,6 +196,8 @@ def _check_locmoe(arch: "Architecture", moe: "MoESettings", upcycling: bool) -> 
 
 def _mixture_fold_refusal(moe: "MoESettings") -> Optional[str]:
     """Sum aggregation with one key per expert is the linear gate K @ sum_r W_r (method.md part 3)."""
+    if moe.query_norm:
+        return "its routers normalise each head of their queries (RMS norm), which is not linear in the input"
     if moe.aggregation != "sum":
         return f"'{moe.aggregation}' aggregation over routers is not linear in the input"
     if moe.num_keys != moe.num_experts:
@@ -195,7 +207,7 @@ def _mixture_fold_refusal(moe: "MoESettings") -> Optional[str]:
 
 def _mixture_keywords(moe: "MoESettings") -> dict:
     return {"num_routers": moe.num_routers, "num_keys": moe.num_keys, "aggregation": moe.aggregation,
-            "router_scale": moe.router_scale}
+            "router_scale": moe.router_scale, "query_norm": moe.query_norm}
 
 
 def _linear_class(moe: "MoESettings"):

@@ -11,7 +11,8 @@ from router_upcycling.settings.moe import MoESettings
 
 PAPER_CALIBRATION_TOKENS = 41943040  # 10 iterations x batch 1024 x sequence 4096
 # QK-norm models (Qwen3): where the routers' queries and the average keys are taken (docs/method.md part 2)
-QK_NORM_SIDES = ("before", "after")
+# (inside: the routers apply the query norm themselves, MoESettings.query_norm; keys as after)
+QK_NORM_SIDES = ("before", "after", "inside")
 # how a Mixture-of-Routers' expert keys start (docs/method.md part 2): the paper's average keys; the average queries
 # of each router's heads (which grouped-query attention does not share between heads); the average keys with exact
 # ties broken by a small deterministic perturbation
@@ -79,6 +80,9 @@ def check_upcycle(hf_model: str, output: str, moe: MoESettings, calib: Calibrati
     if calib.qk_norm not in (AUTO, QK_NORM_SIDES[0]) and not (spec.needs_calibration and arch.qk_norm):
         raise SettingError("router_qk_norm", f"{calib.qk_norm} applies to routers initialised from the attention of "
                                              "QK-norm models (Qwen3)")
+    if (calib.qk_norm == "inside") != moe.query_norm:
+        raise SettingError("router_qk_norm", "inside and MoESettings.query_norm go together: the routers that apply "
+                                             "the query norm are initialised from the norm's side")
     if calib.router_init != AUTO and not spec.needs_calibration:
         raise SettingError("router_init", f"applies to routers initialised from the attention (mor), not {spec.name}")
     refuse_existing(output, force)

@@ -147,3 +147,75 @@ def test_router_inits_on_grouped_query_attention_and_their_stock_fold(tmp_path, 
             out = model(torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(0)), output_router_logits=True)
         logits[fmt] = torch.stack(out.router_logits)
     torch.testing.assert_close(logits["stock"], logits["mor"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def qwen3_dense(tmp_path_factory):
+    from router_upcycling.testing import Geometry, make_dense_model
+
+    return make_dense_model(str(tmp_path_factory.mktemp("qwen3")), Geometry("qwen3", 64, 8, 2, 16, tied=True), seed=4)
+
+
+def test_query_norm_inside_the_routers(tmp_path, qwen3_dense, calib_file):
+    """`--router-qk-norm inside` on a QK-norm model (8 heads on 2 KV heads, d_h 16, one head per router): the routers
+    hold the raw W_q and the attention's q_norm weight, and score q_norm(W_q x) exactly as the attention forms its
+    queries against keys from the norm's output; the model still computes the dense logits; the `mor` export routes
+    alike, and the stock export, which a linear gate cannot express, is refused in one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from router_upcycling.convert.export import export
+    from router_upcycling.init import average_attention_keys
+    from router_upcycling.settings.export import ExportError
+
+    calib = CalibrationSettings(files=[calib_file], tokens=200, seq_length=16, qk_norm="inside")
+    moe = MoESettings(num_experts=8, num_routers=8, query_norm=True)
+    checkpoint = upcycle(qwen3_dense, str(tmp_path / "moe"), moe, calib, dtype="fp32", progress=False)
+    metadata = json.loads(open(os.path.join(checkpoint, "router_upcycling.json")).read())
+    assert metadata["moe"]["query_norm"] is True
+    assert metadata["calibration"]["qk_norm"] == "inside" and metadata["calibration"]["router_init"] == "query"
+    assert metadata["tied_experts"] == [0, 0]
+    assert verify(qwen3_dense, checkpoint).max_abs_diff <= 1e-4
+
+    dense = AutoModelForCausalLM.from_pretrained(qwen3_dense, dtype=torch.float32)
+    queries_after_norm = average_attention_keys(  # the keys of the `query` init, from q_norm's output
+        dense, AutoTokenizer.from_pretrained(qwen3_dense), read_documents(calib_file), 200, 16, progress=False,
+        after_norm=True, projection="q").keys
+    model, _ = load_megatron_model(checkpoint)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    for layer in range(2):
+        attention = dense.model.layers[layer].self_attn
+        router = model.decoder.layers[layer].mlp.router
+        torch.testing.assert_close(router.query_weight.detach().reshape(128, 64), attention.q_proj.weight.detach())
+        torch.testing.assert_close(router.query_norm_weight.detach(), attention.q_norm.weight.detach())
+        torch.testing.assert_close(router.keys.detach(), queries_after_norm[layer])
+        with torch.no_grad():
+            heads = attention.q_norm(attention.q_proj(x).view(5, 8, 16))  # [T, H, d_h], the attention's queries
+        expected = heads.sum(1) @ queries_after_norm[layer].t()  # sum over routers of q_r . k_j
+        logits = router.gating(x)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        logits.sum().backward()  # the copied norm weight is a router parameter that trains
+        assert router.query_norm_weight.grad.abs().sum() > 0
+
+    hf = AutoModelForCausalLM.from_pretrained(export(checkpoint, str(tmp_path / "mor"), "mor", dtype="fp32"),
+                                              trust_remote_code=True, dtype=torch.float32)
+    assert hf.config.router_query_norm is True
+    with torch.no_grad():
+        gate = hf.model.layers[1].mlp.gate
+        torch.testing.assert_close(gate.expert_logits(x), model.decoder.layers[1].mlp.router.gating(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ExportError, match="normalise each head of their queries"):
+        export(checkpoint, str(tmp_path / "stock"), "stock", dtype="fp32")
+    assert not (tmp_path / "stock").exists()
+
+
+def test_query_norm_inside_needs_qk_norm_and_whole_heads(tmp_path, dense_models, qwen3_dense, calib_file):
+    from router_upcycling.errors import SettingError
+
+    calib = CalibrationSettings(files=[calib_file], tokens=200, seq_length=16, qk_norm="inside")
+    with pytest.raises(SettingError, match="needs a model with query/key norms"):
+        upcycle(dense_models["gqa_untied"], str(tmp_path / "a"), MoESettings(num_experts=4, query_norm=True), calib, progress=False)
+    with pytest.raises(SettingError, match="16 routers cannot normalise whole heads of 8.*router counts that work: 1, 2, 4, 8"):
+        upcycle(qwen3_dense, str(tmp_path / "b"), MoESettings(num_experts=8, num_routers=16, query_norm=True), calib,
+                progress=False)
+    with pytest.raises(SettingError, match="go together"):
+        upcycle(qwen3_dense, str(tmp_path / "c"), MoESettings(num_experts=8), calib, progress=False)
+    assert not any(tmp_path.iterdir())
