@@ -1,10 +1,13 @@
 """Forward + backward of a small megatron-core MoE model on CPU: Mixture-of-Routers vs the linear router.
 
     .venv/bin/python benchmarks/bench_router.py [--steps 30 --hidden 256 --layers 4 --experts 8 --seq 256 --batch 4]
+                                                [--query-norm]
 
 Both models have the same weights except the router; steps are interleaved (alternating which
 router goes first) so machine noise hits both alike. Prints median and fastest step times and
-the MoR / linear ratio; the target is <= 1.02x. Also times the router alone (gating).
+the MoR / linear ratio; the target is <= 1.02x. Also times the router alone (gating). --query-norm adds the
+Mixture-of-Routers that normalises its queries head by head (`upcycle --router-qk-norm inside`), which computes
+every router's query instead of one folded gate.
 """
 import argparse
 import statistics
@@ -36,15 +39,19 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--query-norm", action="store_true", help="also time MoR with the query norm inside the routers")
     args = parser.parse_args()
 
     initialize_distributed(seed=0)
     arch = qwen2_architecture(args.hidden, args.layers, args.heads, vocab_size=4096)
+    variants = {DEFAULT_ROUTER: MoESettings(router=DEFAULT_ROUTER, num_experts=args.experts, topk=args.topk),
+                BASELINE_ROUTER: MoESettings(router=BASELINE_ROUTER, num_experts=args.experts, topk=args.topk)}
+    if args.query_norm:
+        variants["mor+qnorm"] = MoESettings(router=DEFAULT_ROUTER, num_experts=args.experts, topk=args.topk, query_norm=True)
     models = {}
-    for router in (DEFAULT_ROUTER, BASELINE_ROUTER):
-        moe = MoESettings(router=router, num_experts=args.experts, topk=args.topk)
+    for name, moe in variants.items():
         torch.manual_seed(0)
-        models[router] = build_gpt_model(arch, moe, transformer_config(arch, moe, moe_aux_loss_coeff=0.01))
+        models[name] = build_gpt_model(arch, moe, transformer_config(arch, moe, moe_aux_loss_coeff=0.01))
     tokens = torch.randint(0, 4096, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(args.seq)[None].expand(args.batch, -1)
     mask = causal_attention_mask(args.seq)
@@ -73,12 +80,16 @@ def main() -> None:
     print(f"model: d={args.hidden}, {args.layers} layers, {args.experts} experts top-{args.topk}, "
           f"batch {args.batch} x seq {args.seq}, {torch.get_num_threads()} threads, {args.steps} steps")
     for name, times in results.items():
-        print(f"{name:7s} forward+backward median {1e3 * statistics.median(times['step']):8.1f} ms, "
+        print(f"{name:9s} forward+backward median {1e3 * statistics.median(times['step']):8.1f} ms, "
               f"fastest {1e3 * min(times['step']):8.1f} ms | router gating fwd+bwd median "
               f"{1e3 * statistics.median(times['router']):.3f} ms")
     mor, linear = results[DEFAULT_ROUTER]["step"], results[BASELINE_ROUTER]["step"]
     median_ratio, fastest_ratio = statistics.median(mor) / statistics.median(linear), min(mor) / min(linear)
     print(f"MoR / linear: median {median_ratio:.3f}x, fastest {fastest_ratio:.3f}x (target <= 1.02x)")
+    if args.query_norm:
+        normed = results["mor+qnorm"]["step"]
+        print(f"MoR with the query norm / linear: median {statistics.median(normed) / statistics.median(linear):.3f}x, "
+              f"fastest {min(normed) / min(linear):.3f}x")
 
 
 if __name__ == "__main__":
