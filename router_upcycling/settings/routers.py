@@ -163,9 +163,9 @@ def _check_mixture(arch: "Architecture", moe: "MoESettings", upcycling: bool) ->
         if arch.num_heads % moe.num_routers:
             working = ", ".join(str(r) for r in range(1, arch.num_heads + 1)
                                 if arch.num_heads % r == 0 and _fits_experts(r, moe.num_experts)) or "none"
-            raise SettingError("num_routers", f"{moe.num_routers} routers cannot normalise whole heads of "
-                                              f"{arch.num_heads}: with the query norm inside, the routers must divide "
-                                              f"the heads; router counts that work: {working}")
+            raise SettingError("num_routers", f"{moe.num_routers} does not give each router whole heads of the "
+                                              f"{arch.num_heads}, which the query norm inside needs (the routers must "
+                                              f"divide the heads); router counts that work: {working}")
     if upcycling:
         check_router_count(arch.num_heads, arch.head_dim, moe.num_routers, moe.num_experts)
         return

@@ -92,6 +92,14 @@ def test_router_count_not_covered(workspace):
     assert leftovers(root) == []
 
 
+def test_query_norm_inside_needs_a_qk_norm_model(workspace):
+    root, dense, calib = workspace
+    result = convert("upcycle", "--hf-model", dense, "--output", root / "out", "--calib-data", calib,
+                     "--router-qk-norm", "inside")
+    assert_user_error(result, "--router-qk-norm inside", "needs a model with query/key norms")
+    assert leftovers(root) == []
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_truncated_or_corrupt_safetensors(workspace, damage):
     root, dense, _ = workspace

@@ -213,7 +213,7 @@ def test_query_norm_inside_needs_qk_norm_and_whole_heads(tmp_path, dense_models,
     calib = CalibrationSettings(files=[calib_file], tokens=200, seq_length=16, qk_norm="inside")
     with pytest.raises(SettingError, match="needs a model with query/key norms"):
         upcycle(dense_models["gqa_untied"], str(tmp_path / "a"), MoESettings(num_experts=4, query_norm=True), calib, progress=False)
-    with pytest.raises(SettingError, match="16 routers cannot normalise whole heads of 8.*router counts that work: 1, 2, 4, 8"):
+    with pytest.raises(SettingError, match="16 does not give each router whole heads of the 8.*router counts that work: 1, 2, 4, 8"):
         upcycle(qwen3_dense, str(tmp_path / "b"), MoESettings(num_experts=8, num_routers=16, query_norm=True), calib,
                 progress=False)
     with pytest.raises(SettingError, match="go together"):
