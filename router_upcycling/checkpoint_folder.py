@@ -8,7 +8,7 @@ never the one loaded. The torch_dist contents of an iteration folder are router_
 import json
 import os
 import shutil
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Tuple
 
 from router_upcycling.errors import UserError
 from router_upcycling.files import read_json_object
@@ -29,6 +29,10 @@ class CheckpointError(UserError):
     """A checkpoint folder that is missing, incomplete or not ours."""
 
 
+class DamagedTracker(CheckpointError):
+    """A tracker file that names no iteration (a preemption while it was written, a stray edit)."""
+
+
 def iteration_dir_name(iteration) -> str:
     return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
 
@@ -40,7 +44,10 @@ ARGS_METADATA = "router_upcycling"
 
 def metadata_from_megatron_lm_args(checkpoint_dir: str) -> Optional[dict]:
     """Our metadata as the newest checkpoint's Megatron-LM `args` carry it, or None."""
-    tracker = read_tracker(checkpoint_dir)
+    try:
+        tracker = read_tracker(checkpoint_dir)
+    except DamagedTracker:
+        return None
     if tracker is None:
         return None
     try:
@@ -87,12 +94,16 @@ def copy_tokenizer(source_dir: str, checkpoint_dir: str) -> None:
 
 
 def read_tracker(checkpoint_dir: str) -> Optional[str]:
-    """The iteration named by the tracker ("release" or a number as text), None when absent."""
+    """The iteration named by the tracker ("release" or a number as text), None when absent; DamagedTracker when
+    it names none."""
     path = os.path.join(checkpoint_dir, TRACKER_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return f.read().strip()
+    with open(path, errors="replace") as f:
+        text = f.read(64).strip()
+    if text != RELEASE and not text.isdigit():
+        raise DamagedTracker(f"{path} is damaged: {text[:20]!r} names no iteration")
+    return text
 
 
 def write_tracker(checkpoint_dir: str, iteration) -> None:
@@ -111,15 +122,55 @@ def saved_iterations(checkpoint_dir: str) -> list:
 
 
 def resolve_iteration_dir(checkpoint_dir: str, iteration=None) -> str:
-    """The folder of the requested iteration, or of the latest complete one."""
+    """The folder of the requested iteration, or of the latest complete one (the tracker's)."""
+    def saved() -> str:
+        names = [name for name in saved_iterations(checkpoint_dir)
+                 if os.path.isfile(os.path.join(checkpoint_dir, name, "metadata.json"))]
+        return f"; saved: {', '.join(names)} (choose one with --iteration N)" if names else ""
+
     if iteration is None:
-        iteration = read_tracker(checkpoint_dir)
+        try:
+            iteration = read_tracker(checkpoint_dir)
+        except DamagedTracker as err:
+            raise CheckpointError(f"{err}{saved()}") from None
         if iteration is None:
-            raise CheckpointError(f"{checkpoint_dir} holds no complete checkpoint (no {TRACKER_FILE})")
+            raise CheckpointError(f"{checkpoint_dir} holds no complete checkpoint (no {TRACKER_FILE}){saved()}")
     path = os.path.join(checkpoint_dir, iteration_dir_name(iteration))
     if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise CheckpointError(f"checkpoint {path} is missing or incomplete")
+        raise CheckpointError(f"checkpoint {path} is missing or incomplete{saved()}")
     return path
+
+
+def tracked_training_iteration(load_dir: str) -> Tuple[Optional[str], Optional[str]]:
+    """(the tracker's iteration folder name, None) or, when the tracker is missing or damaged, (None, why)."""
+    try:
+        tracked = read_tracker(load_dir)
+    except DamagedTracker as err:
+        return None, str(err)
+    return (iteration_dir_name(tracked), None) if tracked is not None else (None, f"{os.path.join(load_dir, TRACKER_FILE)} is missing")
+
+
+def readable_training_iterations(load_dir: str) -> Iterator[Tuple[str, Optional[str]]]:
+    """(iteration folder name, why it does not load or None) of the saved training iterations a resume may use, newest
+    first: those at or before the tracker's (later ones never completed), or all of them when the tracker is missing or
+    damaged (a preemption while it was written: the iterations themselves are checked, with torch, imported only
+    when there is an iteration to check)."""
+    newest, _ = tracked_training_iteration(load_dir)
+    for name in saved_iterations(load_dir):
+        if name == RELEASE or (newest is not None and name > newest):
+            continue
+        from router_upcycling.mcore.checkpoint import iteration_problem
+
+        yield name, iteration_problem(os.path.join(load_dir, name))
+
+
+def holds_training_checkpoint(load_dir: str) -> bool:
+    """Whether --load has a training iteration to resume: the tracker names one, or a missing or damaged tracker left
+    iteration folders of which one reads."""
+    newest, _ = tracked_training_iteration(load_dir)
+    if newest is not None:
+        return newest != RELEASE
+    return any(problem is None for _, problem in readable_training_iterations(load_dir))
 
 
 def read_checkpoint_settings(checkpoint_dir: str) -> "tuple[dict, Architecture, MoESettings]":

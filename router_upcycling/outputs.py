@@ -132,6 +132,11 @@ def staged_output(output_dir: str, force: bool) -> Iterator[str]:
             os.rename(staging, output_dir)
 
 
+def readable_by_all(path: str) -> None:
+    """Give a file the mode the umask allows (writers that keep files private, such as safetensors, make 0600)."""
+    os.chmod(path, 0o666 & ~_current_umask())
+
+
 @contextlib.contextmanager
 def staging_folder(parent: str, prefix: str) -> Iterator[str]:
     """A temporary folder under `parent` for files the body moves into place itself; always removed at the end."""
@@ -155,7 +160,7 @@ def staged_file(path: str) -> Iterator[str]:
     os.close(handle)
     with _registered(_Staging(tmp)):
         yield tmp
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes it private; the output should not be
+        readable_by_all(tmp)  # mkstemp makes it private; the output should not be
         os.replace(tmp, path)
 
 

@@ -97,11 +97,11 @@ def run(args: argparse.Namespace) -> None:
         documents = {name: read_documents(path, args.json_key) for name, path in domain_files.items()}
     else:
         documents = {"data": read_documents(args.data, args.json_key)}
-    import torch
-
     from router_upcycling.analyze import analyses, plots
     from router_upcycling.analyze.inputs import load_model
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from router_upcycling.hf.loading import usable_device
+
+    device = usable_device(args.device)
     model, tokenizer = load_model(args.model, device, args.dtype, args.trust_remote_code)
     if args.command == "routing":
         layer = analyses.pick_layer(model, args.layer)

@@ -133,6 +133,8 @@ def run_verify(args) -> int:
                                ("--long-seq-length", args.long_seq_length, 0)):
         if value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if not 0 < args.tolerance < float("inf"):
+        raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
     from router_upcycling.settings.architecture import read_dense_model
 
     read_dense_model(args.hf_model)
@@ -148,8 +150,11 @@ def run_verify(args) -> int:
 
 
 def run_export(args) -> int:
+    from router_upcycling.errors import UserError
     from router_upcycling.settings.export import check_export
 
+    if args.iteration is not None and args.iteration < 0:
+        raise UserError(f"--iteration must be a saved iteration (0 or more), got {args.iteration}")
     check_export(args.checkpoint, args.output, args.format, args.force)
     from router_upcycling.convert.export import export
 

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from transformers.utils.hub import convert_file_size_to_int
 
 import router_upcycling.mor as router_math
-from router_upcycling.outputs import staged_output
+from router_upcycling.outputs import readable_by_all, staged_output
 from router_upcycling.hf import configuration_mor, modeling_mor
 from router_upcycling.hf.configuration_mor import MoRRouterConfig
 from router_upcycling.settings.architecture import Architecture, ArchitectureError
@@ -198,6 +198,7 @@ def write_safetensors(
         # clone: per-expert views share storage, which safetensors refuses to write
         shard = {name: tensors[name].detach().to("cpu", target_dtypes[name]).contiguous().clone() for name in names}
         save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
+        readable_by_all(os.path.join(folder, filename))  # safetensors writes 0600; the folder's other files follow the umask
     if len(shards) > 1:
         total_size = sum(tensors[name].numel() * target_dtypes[name].itemsize for name in tensors)
         weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}

@@ -65,11 +65,15 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
     after_norm = side in ("after", "inside")  # statistics of the norm's output
     tokenizer = AutoTokenizer.from_pretrained(context.hf_model)
     check_tokenizer_fits(tokenizer, arch.vocab_size, context.hf_model)  # the calibration text's ids, before the model
+    seq_length = min(calib.seq_length, arch.max_position_embeddings)
+    if seq_length < calib.seq_length:
+        log.warning("calibration chunks of %d tokens, the model's max_position_embeddings (--calib-seq-length %d is "
+                    "longer)", seq_length, calib.seq_length)
     model = AutoModelForCausalLM.from_pretrained(context.hf_model, dtype=torch.float32)
     try:
         avg_keys, tokens_used = average_attention_keys(
             model, tokenizer, read_documents(calib.files, calib.json_key), max_tokens=calib.tokens,
-            seq_length=calib.seq_length, batch_size=calib.batch_size, progress=context.progress,
+            seq_length=seq_length, batch_size=calib.batch_size, progress=context.progress,
             after_norm=after_norm, projection="q" if init == "query" else "k",
         )
     except TextDataError as err:
@@ -84,7 +88,7 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
             router["query_norm_weight"] = layer.self_attn.q_norm.weight.detach().float().cpu().clone()
     del model
     gc.collect()
-    record = {"tokens": tokens_used, "requested_tokens": calib.tokens, "seq_length": calib.seq_length,
+    record = {"tokens": tokens_used, "requested_tokens": calib.tokens, "seq_length": seq_length,
               "files": [os.path.abspath(f) for f in calib.files], "router_init": init}
     if arch.qk_norm:
         record["qk_norm"] = side

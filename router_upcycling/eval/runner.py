@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Union
 from router_upcycling.eval.report import group_scores
 from router_upcycling.files import read_json_object
 from router_upcycling.outputs import write_text_atomic
-from router_upcycling.hf.loading import experts_kwargs
+from router_upcycling.hf.loading import experts_kwargs, usable_device
 from router_upcycling.eval.tasks import OUR_TASKS_DIR, EvalError, SuiteTask, write_offline_overrides
 
 MC_METRICS = ("acc", "acc_norm")
@@ -49,12 +49,6 @@ def check_model_dir(model_dir: str) -> None:
     read_json_object(str(Path(model_dir, "config.json")), EvalError)
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_task_manager(tasks: Sequence[SuiteTask], settings: EvalSettings, workdir: Path):
     """An lm-eval TaskManager that knows our tasks: the mirror overrides offline, else the hub tasks plus ours."""
     from lm_eval.tasks import TaskManager
@@ -88,11 +82,11 @@ def run_suite(model_dir: str, tasks: Sequence[SuiteTask], settings: EvalSettings
     import lm_eval
 
     check_model_dir(model_dir)
+    device = usable_device(settings.device)
     if settings.mc_metric not in MC_METRICS:
         raise EvalError(f"--mc-metric must be one of {MC_METRICS}, got {settings.mc_metric!r}")
     with tempfile.TemporaryDirectory(prefix="ru_eval_tasks_") as workdir:
         task_manager = build_task_manager(tasks, settings, Path(workdir))
-        device = settings.device or default_device()
         output = lm_eval.simple_evaluate(
             model="hf",
             model_args={"pretrained": model_dir, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype,

@@ -25,6 +25,27 @@ def check_vocabulary(model_dir: str, trust_remote_code: bool = True):
     return tokenizer
 
 
+def usable_device(requested: Optional[str]) -> str:
+    """The torch device to run on: `requested` once it is known to exist here (UserError naming --device otherwise),
+    or cuda when available, else cpu."""
+    import torch
+
+    if not requested:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise UserError(f"--device {requested}: this machine has {count} CUDA device{'s' if count != 1 else ''}"
+                            f"{'' if torch.backends.cuda.is_built() else ' (this torch is built without CUDA)'}")
+    elif device.type != "cpu" and not getattr(torch, device.type, None):
+        raise UserError(f"--device {requested}: no {device.type} backend in this torch")
+    return requested
+
+
 def experts_kwargs(device: Optional[str]) -> dict:
     """`from_pretrained` keyword arguments for the expert kernel on `device`.
 

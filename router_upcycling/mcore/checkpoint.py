@@ -33,7 +33,7 @@ def iteration_problem(iteration_dir: str) -> Optional[str]:
 
         index = FileSystemReader(iteration_dir).read_metadata()
     except Exception as err:  # torch raises pickle, EOF and its own errors for a damaged index
-        return f"{name('.metadata')} is missing or damaged ({type(err).__name__}: {err})"
+        return f"{name('.metadata')} is missing or damaged ({reason(err)})"
     needed = {}
     for storage in index.storage_data.values():
         needed[storage.relative_path] = max(needed.get(storage.relative_path, 0), storage.offset + storage.length)
@@ -46,8 +46,18 @@ def iteration_problem(iteration_dir: str) -> Optional[str]:
         common_state(iteration_dir)
     except Exception as err:  # torch and pickle raise many kinds for a damaged file
         where = name("common.pt") if os.path.exists(name("common.pt")) else f"the common state in {iteration_dir}"
-        return f"{where} is missing or damaged ({type(err).__name__}: {err})"
+        return f"{where} is missing or damaged ({reason(err)})"
     return None
+
+
+def reason(error: BaseException) -> str:
+    """An exception's kind and first line: torch's messages for a damaged file run to several lines (and a failed
+    weights-only load advises loading it unsafely, which is no advice for a damaged file)."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    if "weights only load failed" in first.lower():
+        first = "its pickled data does not read"
+    return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
 
 
 def common_state(iteration_dir: str) -> dict:
@@ -68,7 +78,7 @@ def readable_iteration_dir(checkpoint_dir: str, iteration=None) -> str:
     if problem:
         older = [it for it in saved_iterations(checkpoint_dir) if it != os.path.basename(path)
                  and iteration_problem(os.path.join(checkpoint_dir, it)) is None]
-        hint = f"; readable: {', '.join(older)} (--iteration)" if older else "; no other iteration there reads"
+        hint = f"; readable: {', '.join(older)} (choose one with --iteration N)" if older else "; no other iteration there reads"
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}{hint}")
     return path
 

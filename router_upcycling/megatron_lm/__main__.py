@@ -72,12 +72,18 @@ def strictness(argv: List[str]) -> str:
     for a --load checkpoint holding Megatron-LM's rerun-state-machine state: Megatron-LM (core_r0.19.0) saves it
     while no rerun is pending and then does not ask for it back, which raise_all refuses; such a checkpoint is loaded
     with log_all (mismatches logged; the architecture flags were checked against the checkpoint before)."""
-    from router_upcycling.checkpoint_folder import iteration_dir_name, read_tracker
+    from router_upcycling.checkpoint_folder import CheckpointError, DamagedTracker, iteration_dir_name, read_tracker
     from router_upcycling.mcore.checkpoint import common_state, iteration_problem
 
     load = option_value(argv, "--load")
-    if load and read_tracker(load) is not None:
-        newest = os.path.join(load, iteration_dir_name(read_tracker(load)))
+    try:
+        tracked = read_tracker(load) if load else None
+    except DamagedTracker as err:
+        raise CheckpointError(f"{err}; Megatron-LM's loader resumes from what it names: write the number of an "
+                              "intact iteration into it (our trainer, python -m router_upcycling.train, falls back "
+                              "by itself)") from None
+    if tracked is not None:
+        newest = os.path.join(load, iteration_dir_name(tracked))
         if iteration_problem(newest) is None and "rerun_state_machine" in common_state(newest):
             print(f"note: {newest} holds Megatron-LM's rerun-state-machine state, which Megatron-LM does not load back: "
                   "loading it with --dist-ckpt-strictness log_all", file=sys.stderr)

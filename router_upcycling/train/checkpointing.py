@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from router_upcycling.checkpoint_folder import (
-    copy_tokenizer, iteration_dir_name, read_metadata, read_tracker, saved_iterations, write_metadata, write_tracker,
+    TRACKER_FILE, copy_tokenizer, iteration_dir_name, read_metadata, readable_training_iterations, saved_iterations,
+    tracked_training_iteration, write_metadata, write_tracker,
 )
 from router_upcycling.mcore.checkpoint import CHECKPOINT_VERSION, model_state, save_sharded
 from router_upcycling.mcore import torch_adam
@@ -152,9 +153,14 @@ def resumes_in_place(save_dir: str, resume_dir: Optional[str]) -> bool:
     return bool(resume_dir) and os.path.realpath(resume_dir) == os.path.realpath(save_dir)
 
 
+def holds_checkpoints(save_dir: str) -> bool:
+    """A tracker (readable or not) or any iteration folder: another run's checkpoints, even half-written ones."""
+    return os.path.isfile(os.path.join(save_dir, TRACKER_FILE)) or bool(saved_iterations(save_dir))
+
+
 def check_save_dir(save_dir: str, resume_dir: Optional[str]) -> None:
     """Never write into another run's checkpoints."""
-    if read_tracker(save_dir) is not None and not resumes_in_place(save_dir, resume_dir):
+    if holds_checkpoints(save_dir) and not resumes_in_place(save_dir, resume_dir):
         raise TrainError(f"--save {save_dir} already holds checkpoints; resume with --load {save_dir} or choose another folder")
 
 
@@ -215,18 +221,15 @@ def check_optimizer_layout(iteration_dir: str, saved: dict, content_metadata: di
 
 def newest_readable_iteration(load_dir: str) -> str:
     """The folder of the newest saved iteration that reads, at or before the tracker's: a preempted or damaged write
-    (a truncated shard, a damaged common state or index) is skipped with a warning naming the file, as Megatron-LM
-    users expect auto-resume to recover rather than stop."""
-    from router_upcycling.mcore.checkpoint import iteration_problem
-
-    newest = iteration_dir_name(read_tracker(load_dir))
+    (a truncated shard, a damaged common state, index or tracker) is skipped with a warning naming the file, as
+    Megatron-LM users expect auto-resume to recover rather than stop."""
+    _, tracker_problem = tracked_training_iteration(load_dir)
     skipped = []
-    for name in saved_iterations(load_dir):
-        if name > newest:
-            continue  # written after the tracker's: never completed
-        problem = iteration_problem(os.path.join(load_dir, name))
+    for name, problem in readable_training_iterations(load_dir):
         if problem is None:
-            if skipped and dist.get_rank() == 0:
+            if dist.get_rank() == 0:
+                if tracker_problem:
+                    log.warning("resuming from %s, the newest iteration that reads: %s", name, tracker_problem)
                 for skipped_name, why in skipped:
                     log.warning("resuming from %s: skipped %s, which does not load: %s", name, skipped_name, why)
             return os.path.join(load_dir, name)

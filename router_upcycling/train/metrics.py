@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from router_upcycling.outputs import write_text_atomic
 from router_upcycling.routing_stats import expert_shares, routing_health, routing_sums, sums_width
 from router_upcycling.settings.architecture import Architecture
 from router_upcycling.train.config import TrainingConfig
@@ -122,6 +123,18 @@ class MetricsWriter:
         name = config.wandb_exp_name or (os.path.basename(os.path.abspath(config.save)) if config.save else None)
         return wandb.init(project=config.wandb_project, name=name, mode=mode, config=dataclasses.asdict(config),
                           dir=config.save or None)
+
+    def rewind(self, iteration: int) -> None:
+        """Drop the metrics.jsonl records of steps after `iteration` (a run that resumes from an older checkpoint, a
+        newer one having been lost or damaged, trains those steps again); rewritten whole, then renamed."""
+        if not self.jsonl or not os.path.isfile(self.jsonl):
+            return
+        with open(self.jsonl) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= iteration]
+        if len(kept) < len(lines):
+            write_text_atomic(self.jsonl, "".join(kept))
+            log.info("metrics.jsonl: dropped %d records after step %d, which runs again", len(lines) - len(kept), iteration)
 
     def write(self, record: Dict, line: str) -> None:
         if not self.is_writer:

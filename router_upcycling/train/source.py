@@ -5,7 +5,8 @@ import os
 from typing import Optional
 
 from router_upcycling.checkpoint_folder import (
-    RELEASE, TOKENIZER_DIR, CheckpointError, read_checkpoint_settings, read_tracker, resolve_iteration_dir,
+    RELEASE, TOKENIZER_DIR, CheckpointError, holds_training_checkpoint, read_checkpoint_settings, resolve_iteration_dir,
+    tracked_training_iteration,
 )
 from router_upcycling.errors import SettingError
 from router_upcycling.settings.architecture import Architecture, read_dense_model
@@ -57,11 +58,12 @@ def resolve_model_source(config: TrainingConfig) -> ModelSource:
     """Resume from --load when it holds a training checkpoint, else start from the pretrained checkpoint or from
     scratch; the settings and the data's token ids are then checked against that model."""
     load = config.load
-    if load and read_tracker(load) not in (None, RELEASE):
+    if load and holds_training_checkpoint(load):
         # the newest readable iteration is found when loading (train.checkpointing: a damaged one is skipped)
         source = ModelSource.from_checkpoint(load, resume=True)
     else:
-        pretrained = config.pretrained_checkpoint or (load if load and read_tracker(load) == RELEASE else None)
+        upcycled = load and tracked_training_iteration(load)[0] == RELEASE
+        pretrained = config.pretrained_checkpoint or (load if upcycled else None)
         if pretrained:
             source = ModelSource.from_checkpoint(pretrained, resume=False)
         elif config.from_scratch:
@@ -88,6 +90,9 @@ def check_fits_model(config: TrainingConfig, source: ModelSource) -> None:
     for what, size in sizes.items():
         if size % tp:
             raise TrainError(f"--tensor-model-parallel-size {tp} must divide the number of {what} ({size})")
+    if config.seq_length > arch.max_position_embeddings:  # Megatron-LM refuses it alike
+        raise TrainError(f"--seq-length {config.seq_length} is longer than the model's {arch.max_position_embeddings} "
+                         "positions (max_position_embeddings of its config)")
     options = training_router_options(config)
     for name, value in options.items():
         if value and name not in moe.spec.training_options:

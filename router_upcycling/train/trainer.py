@@ -83,6 +83,8 @@ class TrainingRun:
             prepare_save_dir(config.save, source.metadata, source.tokenizer_dir,
                              resumes_in_place(config.save, source.resume_dir))
         self.writer = MetricsWriter(config, self.is_writer)
+        if source.resume_dir and resumes_in_place(config.save, source.resume_dir):
+            self.writer.rewind(self.iteration)  # steps after the checkpoint run again: their old records go
         self.timer = IntervalTimer()
         self.say(f"{'resuming at step ' + str(self.iteration) if source.resume_dir else 'starting'}: {config.train_iters} "
                  f"steps, {self.dp_size} data-parallel ranks x {self.num_microbatches} micro-batches of "

@@ -56,3 +56,33 @@ def test_analysis_refuses_a_tokenizer_larger_than_the_vocabulary(workspace, caps
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == (f"error: {model}: its tokenizer has 414 tokens but the model only 128 "
                                                "embeddings; the tokenizer belongs to another model")
+
+
+@pytest.mark.parametrize("tolerance", ["-1", "nan", "0"])
+def test_verify_tolerance_must_be_a_positive_number(workspace, tolerance):
+    root, _ = workspace
+    result = convert("verify", "--hf-model", root / "none", "--checkpoint", root / "none", "--tolerance", tolerance)
+    assert_user_error(result, f"--tolerance must be a positive number, got {float(tolerance)}")
+
+
+def test_calibration_chunks_stop_at_the_model_s_positions(workspace):
+    root, calib = workspace
+    dense = make_dense_qwen2(str(root / "short"))  # max_position_embeddings 256
+    result = convert("upcycle", "--hf-model", dense, "--output", root / "short-moe", "--num-experts", 4,
+                     "--calib-data", calib, "--calib-tokens", 300, "--calib-seq-length", 100000, "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "calibration chunks of 256 tokens, the model's max_position_embeddings" in result.stderr
+    metadata = json.loads((root / "short-moe" / "router_upcycling.json").read_text())
+    assert metadata["calibration"]["seq_length"] == 256
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "--device cuda: this machine has 0 CUDA devices"), ("bogus", "--device bogus: not a torch device"),
+])
+def test_a_device_this_machine_lacks_is_one_line(device, message):
+    from router_upcycling.errors import UserError
+    from router_upcycling.hf.loading import usable_device
+
+    assert usable_device(None) == "cpu" and usable_device("cpu") == "cpu"
+    with pytest.raises(UserError, match=message):
+        usable_device(device)

@@ -86,6 +86,10 @@ def test_mor_folder_is_self_contained(dense_models, tmp_path):
         card = file.read()
     assert "| source model | tiny |" in card and "| calibration tokens | 1234 |" in card and "| training iterations | 56 |" in card
     assert "| routers (R) | 4 |" in card
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: os.stat(os.path.join(folder, name)).st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask), modes  # safetensors alone would write 0600
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the stock model's empty shared expert

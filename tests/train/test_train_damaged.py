@@ -53,6 +53,43 @@ def test_resume_skips_a_damaged_newest_checkpoint(inputs, saved, tmp_path, damag
     assert {3, 4, 5, 6} <= set(train_losses(save))
 
 
+TRACKER_DAMAGES = {"missing": lambda tracker: tracker.unlink(), "garbage": lambda tracker: tracker.write_text("garbage"),
+                   "empty": lambda tracker: tracker.write_text("")}
+
+
+@pytest.mark.parametrize("damage", list(TRACKER_DAMAGES))
+def test_resume_without_a_readable_tracker_checks_the_iterations_themselves(inputs, saved, tmp_path, damage):
+    """A preemption while the tracker was written (or a lost tracker): the newest iteration that reads is resumed,
+    never a fresh start over the saved ones; the metrics of the steps that run again are not kept twice."""
+    import json
+
+    save = tmp_path / "run"
+    shutil.copytree(saved, save)
+    TRACKER_DAMAGES[damage](save / "latest_checkpointed_iteration.txt")
+    truncate_shard(save / "iter_0000004")
+    flags = train_flags(inputs, save, "--load", str(save), "--eval-iters", "0")
+    flags[flags.index("--train-iters") + 1] = "6"
+    output = run(flags)
+    tracker_line = "is missing" if damage == "missing" else "names no iteration"
+    assert "resuming from iter_0000002, the newest iteration that reads" in output and tracker_line in output, output[-3000:]
+    assert "skipped iter_0000004" in output and "resuming at step 2" in output and read_tracker(save) == "6"
+    steps = [json.loads(line)["step"] for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(steps) == steps and len(steps) == len(set(steps)) and {3, 4, 5, 6} <= set(steps), steps
+
+
+def test_export_without_a_readable_tracker_lists_the_saved_iterations(saved, tmp_path):
+    save = tmp_path / "run"
+    shutil.copytree(saved, save)
+    (save / "latest_checkpointed_iteration.txt").write_text("garb")
+    result = convert("export", "--checkpoint", save, "--output", tmp_path / "hf", "--format", "mor")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert "latest_checkpointed_iteration.txt is damaged: 'garb' names no iteration; saved: iter_0000004, iter_0000002 " \
+           "(choose one with --iteration N)" in result.stderr
+    result = convert("export", "--checkpoint", save, "--output", tmp_path / "hf", "--format", "mor", "--iteration", -1)
+    assert result.returncode == 2 and "--iteration must be a saved iteration" in result.stderr
+    assert not (tmp_path / "hf").exists()
+
+
 def convert(*args):
     return subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=300)
@@ -65,7 +102,7 @@ def test_export_names_the_damaged_file_and_takes_an_older_iteration(saved, tmp_p
     result = convert("export", "--checkpoint", save, "--output", tmp_path / "hf", "--format", "mor")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert "iter_0000004" in line and "is truncated" in line and "readable: iter_0000002 (--iteration)" in line
+    assert "iter_0000004" in line and "is truncated" in line and "readable: iter_0000002 (choose one with --iteration N)" in line
     assert not (tmp_path / "hf").exists()
     assert convert("export", "--checkpoint", save, "--output", tmp_path / "hf", "--format", "mor", "--iteration", 2).returncode == 0
     (save / "router_upcycling.json").write_text("{ not json")

@@ -129,3 +129,15 @@ def test_a_split_without_documents_is_refused_before_the_dataset_builder(data_pr
         build_datasets(config.replace(split="969,30,1"), tokenizer, 1)  # built even though no test samples are asked
     with pytest.raises(TrainError, match="gives the validation split none"):
         build_datasets(config.replace(eval_iters=0), tokenizer, 1)
+
+
+def test_a_sequence_longer_than_the_model_s_positions_is_refused():
+    from router_upcycling.settings.moe import MoESettings
+    from router_upcycling.testing import qwen2_architecture
+    from router_upcycling.train.source import ModelSource, check_fits_model
+
+    arch, moe = qwen2_architecture(), MoESettings(num_experts=4)  # max_position_embeddings 4096
+    source = ModelSource({}, arch, moe, None, "", None)
+    check_fits_model(parse_args([*REQUIRED, "--train-iters", "1", "--seq-length", "4096"], on_this_machine=False), source)
+    with pytest.raises(TrainError, match="--seq-length 8192 is longer than the model's 4096 positions"):
+        check_fits_model(parse_args([*REQUIRED, "--train-iters", "1", "--seq-length", "8192"], on_this_machine=False), source)
