@@ -63,8 +63,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run(args) -> None:
     if args.output:
         refuse_existing(args.output, args.force)
-        if not Path(args.output).resolve().parent.is_dir():
-            raise EvalError(f"folder of --output does not exist: {Path(args.output).parent}")
+        parent = Path(args.output).resolve().parent
+        if not parent.is_dir():
+            what = "is a file" if parent.exists() else "does not exist"
+            raise EvalError(f"--output {args.output}: its folder {parent} {what}")
+        if Path(args.output).suffix.lower() != ".png":
+            raise EvalError(f"--output {args.output}: the chart is a PNG; name it NAME.png")
     names = column_names(args.results, args.names)
     columns: List[Column] = [(name, result_column(load_results(path))) for name, path in zip(names, args.results)]
     if not args.no_paper:

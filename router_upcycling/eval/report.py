@@ -13,6 +13,7 @@ A group's score is the mean of the scores of its tasks that were run (null when 
 Understanding, Reasoning, Knowledge and Average columns.
 """
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -138,14 +139,16 @@ def load_results(path: str) -> dict:
         raise EvalError(f"{path} is not JSON: {err}") from None
     if not isinstance(results, dict) or not {"model", "tasks", "groups"} <= results.keys():
         raise EvalError(f"{path} is not a results.json of router_upcycling.eval (needs model, tasks, groups)")
+    if not isinstance(results["model"], str):
+        raise EvalError(f"{path}: 'model' must be the evaluated folder's path, got {results['model']!r}")
     tasks, groups = results["tasks"], results["groups"]
     if not isinstance(tasks, dict) or not all(isinstance(entry, dict) and _is_score(entry.get("score"))
                                               for entry in tasks.values()):
-        raise EvalError(f"{path}: every entry of 'tasks' must be an object with a numeric 'score'")
+        raise EvalError(f"{path}: every entry of 'tasks' must be an object with a finite numeric 'score'")
     if not isinstance(groups, dict) or not all(value is None or _is_score(value) for value in groups.values()):
-        raise EvalError(f"{path}: every value of 'groups' must be a number or null")
+        raise EvalError(f"{path}: every value of 'groups' must be a finite number or null")
     return results
 
 
 def _is_score(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

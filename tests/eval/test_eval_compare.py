@@ -47,6 +47,17 @@ def test_eval_compare_bad_inputs(tmp_path):
         run_compare(good, "--names", "A,B"),
         run_compare(good, "--output", str(chart)),
     ]
-    for result in cases:
+    nan = json.loads(Path(good).read_text())
+    nan["tasks"]["obqa"]["score"] = float("nan")
+    (tmp_path / "nan.json").write_text(json.dumps(nan))
+    (tmp_path / "afile").write_text("")
+    messages = {
+        run_compare(str(tmp_path / "nan.json")): "every entry of 'tasks' must be an object with a finite numeric 'score'",
+        run_compare(good, "--output", str(tmp_path / "afile" / "x.png")): f"its folder {tmp_path / 'afile'} is a file",
+        run_compare(good, "--output", str(tmp_path / "chart.txt")): "the chart is a PNG",
+    }
+    for result in [*cases, *messages]:
         assert result.returncode != 0 and result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert chart.read_bytes() == b"keep"
+    for result, message in messages.items():
+        assert message in result.stderr, result.stderr
+    assert chart.read_bytes() == b"keep" and not (tmp_path / "chart.txt").exists()
