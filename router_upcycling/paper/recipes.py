@@ -17,7 +17,7 @@ Flag names are the commands' own, without dashes in front (`num-experts` or `num
 models and outputs are not part of a recipe: the matrix adds them. A profile (configs/paper/profiles/NAME.yaml)
 has the same keys and is merged over a recipe, then `SECTION.FLAG=VALUE` overrides.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -189,6 +189,7 @@ def load_recipe(name: str, profile: Optional[str] = None, overrides: Sequence[st
     if "train-iters" not in train:
         raise RecipeError(f"recipe {name}: no train-iters")
     check_train_numbers(name, train)
+    check_train_flags(name, train)
     slurm = data.get("slurm") or {}
     unknown = sorted(set(slurm) - set(STAGES))
     if unknown:
@@ -210,6 +211,18 @@ def check_train_numbers(name: str, train: Dict[str, Any]) -> None:
                           "(--train-iters or --set train.train-iters)")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise RecipeError(f"recipe {name}: train lr must be a positive number, got {lr!r} (--set train.lr)")
+
+
+def check_train_flags(name: str, train: Dict[str, Any]) -> None:
+    """Every train key must be a flag of `python -m router_upcycling.train` (a typo would otherwise fail only in the
+    Slurm job, hours later)."""
+    from router_upcycling.train.config import TrainingConfig
+
+    flags = {field.metadata["flag"].lstrip("-") for field in fields(TrainingConfig)}
+    unknown = sorted(str(key) for key in train if str(key) not in flags)
+    if unknown:
+        raise RecipeError(f"recipe {name}: train has no flag --{unknown[0]} (python -m router_upcycling.train --help "
+                          "lists them)")
 
 
 def flag_argv(flags: Dict[str, Any]) -> List[str]:

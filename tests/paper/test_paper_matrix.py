@@ -52,6 +52,7 @@ def test_dry_run_without_paths_prints_the_plan_with_placeholders():
     (["--runs", "mor", "--dry-run", "--train-iters", "0"], "--train-iters must be at least 1, got 0"),
     (["--runs", "mor", "--dry-run", "--set", "train.lr=-1e-4"], "recipe mor: train lr must be a positive number, got -0.0001"),
     (["--runs", "mor", "--dry-run", "--set", "train.train-iters=2.5"], "recipe mor: train-iters must be an integer of at least 1"),
+    (["--runs", "mor", "--dry-run", "--set", "train.no_such_flag=1"], "recipe mor: train has no flag --no-such-flag"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     assert_one_line_error(matrix(*args, "--output-root", tmp_path / "root"), fragment)
