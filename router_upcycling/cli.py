@@ -38,6 +38,9 @@ def stopped_message(signum: int) -> str:
     return f"stopped by {signal.Signals(signum).name}: nothing half-written was left behind"
 
 
+_HANDLER_PID = None  # the process that installed _stop
+
+
 def _stop(signum, frame) -> None:
     """Stop now, from wherever the command is: an exception raised here could land in a finalizer and be ignored.
 
@@ -47,6 +50,8 @@ def _stop(signum, frame) -> None:
 
     for sig in STOP_SIGNALS:  # a second signal while stopping must not cut the clean-up short
         signal.signal(sig, signal.SIG_IGN)
+    if os.getpid() != _HANDLER_PID:  # a forked worker (a pool, a checkpoint writer) inherited the handler: the
+        os._exit(128 + signum)       # command's own process cleans up and says so, once
     stop_worker_processes()
     abandon_staged_outputs()
     stop_worker_processes(timeout=1.0)  # a pool may have replaced a worker meanwhile
@@ -62,6 +67,8 @@ def stop_on_signals():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _HANDLER_PID
+    _HANDLER_PID = os.getpid()
     previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
     try:
         yield

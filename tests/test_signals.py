@@ -56,6 +56,7 @@ def assert_stopped(status, stderr, descendants, signum):
     assert "Traceback" not in stderr, stderr[-3000:]
     # the last line (after a progress bar's own, which has no newline of its own)
     assert stderr.rstrip().endswith(f"stopped by {signal.Signals(signum).name}: nothing half-written was left behind")
+    assert stderr.count("stopped by") == 1, stderr[-3000:]  # said by the command, not again by a forked worker
     time.sleep(0.5)
     survivors = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not survivors, f"orphaned worker processes: {[p.cmdline() for p in survivors]}"
