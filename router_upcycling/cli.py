@@ -55,10 +55,17 @@ def _stop(signum, frame) -> None:
     stop_worker_processes()
     abandon_staged_outputs()
     stop_worker_processes(timeout=1.0)  # a pool may have replaced a worker meanwhile
+    if _progress_bar_showing():
+        sys.stderr.write("\n")  # a bar's line has no end of its own
     print(stopped_message(signum), file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signum)
+
+
+def _progress_bar_showing() -> bool:
+    tqdm = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
+    return any(not bar.disable for bar in list(getattr(tqdm, "_instances", None) or ()))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ a folder written by `datasets.Dataset.save_to_disk`, or any other folder (its .j
 files, do not depend on the number of workers.
 """
 import collections
+import concurrent.futures
 import gzip
 import json
 import multiprocessing
@@ -184,7 +185,7 @@ class _Encoder:
 
     @classmethod
     def initialize(cls, tokenizer_path: str, append_eod: bool, in_worker: bool = False) -> None:
-        if in_worker:  # the main process stops the workers; Ctrl-C reaches the whole process group
+        if in_worker:  # Ctrl-C reaches the whole process group: the main process stops the workers (cli)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the command's stop handler
         cls.tokenizer = load_tokenizer(tokenizer_path)
@@ -228,18 +229,18 @@ def _existing_outputs(prefixes: Sequence[str]) -> List[str]:
 
 def _encoded_batches(config: PreprocessConfig, files: Sequence[Path], pool) -> Iterator[List[List[List[int]]]]:
     """Encoded batches in input order. Reading stays in this process, a bounded number of batches ahead
-    of the writer (Pool.imap would read the whole input into memory), so a read error surfaces here."""
+    of the writer (a pool's map would read the whole input into memory), so a read error surfaces here."""
     batches = (batch for path in files for batch in batched(read_documents(path, config.json_keys), DOCUMENTS_PER_TASK))
     if pool is None:
         yield from map(_Encoder.encode, batches)
         return
     pending = collections.deque()
     for batch in batches:
-        pending.append(pool.apply_async(_Encoder.encode, (batch,)))
+        pending.append(pool.submit(_Encoder.encode, batch))
         if len(pending) >= BATCHES_IN_FLIGHT_PER_WORKER * config.workers:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def preprocess(config: PreprocessConfig) -> List[OutputSummary]:
@@ -288,8 +289,12 @@ def _write_datasets(config: PreprocessConfig, files, staged_prefixes, dtype, ind
     progress = tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not config.show_progress, mininterval=1.0)
     pool = None
     if config.workers > 1:
-        pool = multiprocessing.get_context().Pool(
-            config.workers, initializer=_Encoder.initialize, initargs=(config.tokenizer, config.append_eod, True)
+        # not multiprocessing.Pool: it forks a replacement for a worker that dies, and a stop signal's clean-up
+        # (router_upcycling.cli) terminates the workers; a replacement could hang on the lock a stopped worker held
+        # and outlive the command. This pool forks none: a lost worker breaks it.
+        pool = concurrent.futures.ProcessPoolExecutor(
+            config.workers, mp_context=multiprocessing.get_context(), initializer=_Encoder.initialize,
+            initargs=(config.tokenizer, config.append_eod, True),
         )
     else:
         _Encoder.initialize(config.tokenizer, config.append_eod)
@@ -315,8 +320,7 @@ def _write_datasets(config: PreprocessConfig, files, staged_prefixes, dtype, ind
     finally:
         progress.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     for builder, prefix in zip(builders, staged_prefixes):
         builder.finalize(f"{prefix}.idx")
     for summary in summaries:

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from router_upcycling.cli import OneLineErrorParser, run_command
-from router_upcycling.eval.tasks import MirrorFile, all_mirror_files, resolve_tasks
+from router_upcycling.eval.tasks import MirrorFile, all_mirror_files, check_hub_reachable, resolve_tasks
 from router_upcycling.outputs import refuse_existing, staged_output
+
+NO_HUB_HINT = ("run it on a machine that reaches the hub and copy --output here; for a smoke test without the hub, "
+               "router_upcycling.eval.sample_data.write_sample_mirror(DIR) writes made-up rows in the same layout")
 
 
 def mirror_plan(tasks_spec: str, include_fewshot: bool) -> List[MirrorFile]:
@@ -54,6 +57,7 @@ def run(args) -> None:
         for file in files:
             print(f"{file.hub_path} [{file.config or 'default'}] {file.split} -> {output / file.relative_path}")
         return
+    check_hub_reachable("mirroring the evaluation data", hint=NO_HUB_HINT)  # datasets would retry, then a traceback
     with staged_output(str(output), args.force) as staging:
         write_mirror(files, Path(staging))
     print(f"wrote {len(files)} files under {output}")

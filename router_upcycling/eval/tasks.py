@@ -170,20 +170,20 @@ def check_json_lines(path: Path) -> None:
                 raise EvalError(f"{path}:{number} is not a JSON object; write the mirror again")
 
 
-def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
+def check_hub_reachable(what: str, timeout: float = 5.0, hint: Optional[str] = None) -> None:
     """Fail at once, in one line, where the Hugging Face hub cannot be reached (lm-eval and datasets would retry for
-    minutes, then end in a ConnectionError traceback)."""
+    minutes, then end in a ConnectionError traceback); the line ends with `hint` (default: evaluate offline)."""
     import os
     import socket
 
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise EvalError(f"{what} needs the Hugging Face hub, and HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
+        raise EvalError(f"{what} needs the Hugging Face hub, and HF_HUB_OFFLINE is set; {hint or OFFLINE_HINT}")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     host, _, port = endpoint.partition(":")
     try:
         socket.create_connection((host, int(port or 443)), timeout=timeout).close()
     except OSError as err:
-        raise EvalError(f"{what} needs the Hugging Face hub, and {host} cannot be reached ({err}); {OFFLINE_HINT}") from None
+        raise EvalError(f"{what} needs the Hugging Face hub, and {host} cannot be reached ({err}); {hint or OFFLINE_HINT}") from None
 
 
 OFFLINE_HINT = ("evaluate offline with --data-dir DIR, a mirror written where the hub is reachable "
