@@ -100,9 +100,9 @@ def warn_tied_experts(per_layer: List[List[List[int]]]) -> None:
     for layer, groups in enumerate(per_layer):
         if groups:
             listed = "; ".join(", ".join(map(str, group)) for group in groups)
-            log.warning("layer %d: experts %s hold identical keys: identical logits and gradients for every token, "
-                        "so they never separate (grouped-query attention shares average keys; see docs/method.md)",
-                        layer, listed)
+            log.warning("layer %d: experts %s hold identical keys: identical logits for every token (a group of top-k "
+                        "trains as one expert; a larger one starts partly unused); grouped-query attention shares "
+                        "average keys, see docs/method.md", layer, listed)
 
 
 def random_router_weights(router, seed: int, layer: int, std: float = INIT_STD) -> dict:

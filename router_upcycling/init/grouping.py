@@ -128,8 +128,9 @@ def router_weights_from_attention(
 def tied_experts(keys: torch.Tensor, num_experts: int) -> List[List[int]]:
     """Groups of two or more experts that hold exactly the same keys [K, d_r] (expert i holds keys {i, i+N, ...}).
 
-    Such experts start with identical logits for every token and, being copies of one FFN, identical gradients:
-    nothing ever separates them. Grouped-query attention makes this happen (query heads of one KV group share their
+    Such experts start with identical logits for every token; a group of exactly top-k is chosen together and, being
+    copies of one FFN, trained alike (nothing separates it), a larger one is split by top-k's tie-break, which leaves
+    the rest unchosen until the keys move (docs/method.md part 2). Grouped-query attention makes this happen (query heads of one KV group share their
     average key), and so do R < N routers (keys duplicated N/R times).
     """
     indices = expert_key_indices(num_experts, keys.shape[0])  # [N, K / N]
