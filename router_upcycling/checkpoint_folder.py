@@ -121,12 +121,16 @@ def saved_iterations(checkpoint_dir: str) -> list:
     return sorted(names, reverse=True)
 
 
+def other_iterations_hint(kind: str, names: list) -> str:
+    """The end of a refusal that names the iterations to pick instead (`kind`: saved, readable), or ""."""
+    return f"; {kind}: {', '.join(names)} (choose one with --iteration N)" if names else ""
+
+
 def resolve_iteration_dir(checkpoint_dir: str, iteration=None) -> str:
     """The folder of the requested iteration, or of the latest complete one (the tracker's)."""
     def saved() -> str:
-        names = [name for name in saved_iterations(checkpoint_dir)
-                 if os.path.isfile(os.path.join(checkpoint_dir, name, "metadata.json"))]
-        return f"; saved: {', '.join(names)} (choose one with --iteration N)" if names else ""
+        return other_iterations_hint("saved", [name for name in saved_iterations(checkpoint_dir)
+                                               if os.path.isfile(os.path.join(checkpoint_dir, name, "metadata.json"))])
 
     if iteration is None:
         try:

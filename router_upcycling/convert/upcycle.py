@@ -56,7 +56,7 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
     from router_upcycling.hf.loading import check_tokenizer_fits
     from router_upcycling.init.calibration import average_attention_keys
     from router_upcycling.init.grouping import break_ties, tied_experts
-    from router_upcycling.init.routers import init_routers_from_attention
+    from router_upcycling.init.routers import init_routers_from_attention, query_norm_gain
     from router_upcycling.text import TextDataError, read_documents
 
     calib, moe, arch = context.calib, context.moe, context.arch
@@ -85,7 +85,7 @@ def routers_from_attention(context: UpcycleContext) -> RouterInit:
     weights = [{"query_weight": query_weight, "keys": keys} for query_weight, keys in routers]
     if moe.query_norm:  # the routers normalise their queries with the attention's own g_q
         for layer, router in zip(model.model.layers, weights):
-            router["query_norm_weight"] = layer.self_attn.q_norm.weight.detach().float().cpu().clone()
+            router["query_norm_weight"] = query_norm_gain(layer)
     del model
     gc.collect()
     record = {"tokens": tokens_used, "requested_tokens": calib.tokens, "seq_length": seq_length,

@@ -10,13 +10,18 @@ import torch
 from router_upcycling.init.grouping import head_keys_from_kv, router_weights_from_attention
 
 
+def query_norm_gain(layer: torch.nn.Module) -> torch.Tensor:
+    """A QK-norm layer's query norm weight g_q [d_h], float32 on CPU (a copy: the routers train their own)."""
+    return layer.self_attn.q_norm.weight.detach().float().cpu().clone()
+
+
 def query_weight_of(layer: torch.nn.Module, num_heads: int, fold_query_norm: bool) -> torch.Tensor:
     """A layer's q_proj weight [H * d_h, d], float32 on CPU; with `fold_query_norm` (QK-norm models) each head's rows
     scaled by the query norm's weight g_q [d_h]: diag(g_q) W_q, the norm's linear part (its 1/rms is per token)."""
     q_weight = layer.self_attn.q_proj.weight.detach().float().cpu()
     if not fold_query_norm:
         return q_weight
-    gain = layer.self_attn.q_norm.weight.detach().float().cpu()  # [d_h]
+    gain = query_norm_gain(layer)  # [d_h]
     return (q_weight.view(num_heads, gain.shape[0], -1) * gain[None, :, None]).reshape(q_weight.shape)
 
 

@@ -71,14 +71,16 @@ def common_state(iteration_dir: str) -> dict:
 def readable_iteration_dir(checkpoint_dir: str, iteration=None) -> str:
     """The folder of the requested iteration (default: the latest complete one), checked: CheckpointError naming the
     damaged file, and the older iterations that do read, otherwise."""
-    from router_upcycling.checkpoint_folder import CheckpointError, resolve_iteration_dir, saved_iterations
+    from router_upcycling.checkpoint_folder import (
+        CheckpointError, other_iterations_hint, resolve_iteration_dir, saved_iterations,
+    )
 
     path = resolve_iteration_dir(checkpoint_dir, iteration)
     problem = iteration_problem(path)
     if problem:
         older = [it for it in saved_iterations(checkpoint_dir) if it != os.path.basename(path)
                  and iteration_problem(os.path.join(checkpoint_dir, it)) is None]
-        hint = f"; readable: {', '.join(older)} (choose one with --iteration N)" if older else "; no other iteration there reads"
+        hint = other_iterations_hint("readable", older) or "; no other iteration there reads"
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}{hint}")
     return path
 

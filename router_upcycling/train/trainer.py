@@ -79,11 +79,11 @@ class TrainingRun:
             self.iteration, self.consumed = load_checkpoint(config, source.resume_dir, self.model, self.optimizer,
                                                             self.scheduler)
             self.saved_iteration = self.iteration
+        in_place = bool(config.save) and resumes_in_place(config.save, source.resume_dir)
         if config.save:
-            prepare_save_dir(config.save, source.metadata, source.tokenizer_dir,
-                             resumes_in_place(config.save, source.resume_dir))
+            prepare_save_dir(config.save, source.metadata, source.tokenizer_dir, in_place)
         self.writer = MetricsWriter(config, self.is_writer)
-        if source.resume_dir and resumes_in_place(config.save, source.resume_dir):
+        if in_place:
             self.writer.rewind(self.iteration)  # steps after the checkpoint run again: their old records go
         self.timer = IntervalTimer()
         self.say(f"{'resuming at step ' + str(self.iteration) if source.resume_dir else 'starting'}: {config.train_iters} "
